@@ -1,0 +1,117 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * glue.c - the few kernel facilities that Linux 6.12's Rust bindings cannot
+ * reach, each wrapped once in a small function with a plain C signature.
+ * module/glue.rs declares them and is the only Rust code that calls them.
+ *
+ * Why C here:
+ *  - struct miscdevice and misc_register() are not in 6.12's bindings;
+ *  - __pa(), cr4_set_bits() and cr4_clear_bits() are inline functions (the
+ *    latter keep the kernel's per-CPU CR4 shadow in sync, which a raw
+ *    MOV to CR4 from Rust would not);
+ *  - VMXON and VMXOFF need exception-table fixups (asm goto + _ASM_EXTABLE,
+ *    as KVM's vmx.c does), so that a fault becomes an errno instead of an
+ *    oops; stable Rust has no asm goto.
+ *
+ * Context: every function here may be called with preemption or interrupts
+ * disabled; none sleeps except rkvm_misc_register() and rkvm_misc_deregister().
+ */
+#include <linux/miscdevice.h>
+#include <linux/fs.h>
+#include <linux/smp.h>
+#include <asm/tlbflush.h>
+#include <asm/asm.h>
+#include <asm/page.h>
+#include <asm/special_insns.h>
+
+/* Called from Rust only (module/glue.rs), hence declared here. */
+int rkvm_misc_register(const struct file_operations *fops);
+void rkvm_misc_deregister(void);
+u64 rkvm_virt_to_phys(const void *addr);
+unsigned int rkvm_this_cpu(void);
+unsigned long rkvm_read_cr4(void);
+void rkvm_cr4_set_vmxe(void);
+void rkvm_cr4_clear_vmxe(void);
+int rkvm_vmxon(u64 phys);
+int rkvm_vmxoff(void);
+
+/* The /dev/rkvm device: root only (0600), like /dev/kvm's default. */
+static struct miscdevice rkvm_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "rkvm",
+	.mode = 0600,
+};
+
+int rkvm_misc_register(const struct file_operations *fops)
+{
+	rkvm_misc.fops = fops;
+	return misc_register(&rkvm_misc);
+}
+
+void rkvm_misc_deregister(void)
+{
+	misc_deregister(&rkvm_misc);
+}
+
+u64 rkvm_virt_to_phys(const void *addr)
+{
+	return __pa(addr);
+}
+
+unsigned int rkvm_this_cpu(void)
+{
+	return raw_smp_processor_id();
+}
+
+unsigned long rkvm_read_cr4(void)
+{
+	return __read_cr4();
+}
+
+void rkvm_cr4_set_vmxe(void)
+{
+	cr4_set_bits(X86_CR4_VMXE);
+}
+
+void rkvm_cr4_clear_vmxe(void)
+{
+	cr4_clear_bits(X86_CR4_VMXE);
+}
+
+/*
+ * VMXON with the VMXON region at physical address @phys (SDM Vol. 3C, 31.3,
+ * "VMXON"). Returns 0 on success, -EIO on VMfail (CF or ZF set), -EFAULT if
+ * the instruction faulted (#GP or #UD: CR4.VMXE clear, fixed bits violated,
+ * IA32_FEATURE_CONTROL not enabling VMX).
+ */
+int rkvm_vmxon(u64 phys)
+{
+	asm goto("1: vmxon %[pa]\n\t"
+		 "jbe %l[vmfail]\n\t"
+		 _ASM_EXTABLE(1b, %l[fault])
+		 : : [pa] "m"(phys) : "cc", "memory" : vmfail, fault);
+	return 0;
+vmfail:
+	return -EIO;
+fault:
+	return -EFAULT;
+}
+
+/*
+ * VMXOFF (SDM Vol. 3C, 31.3, "VMXOFF"). Returns 0 on success, -EIO on VMfail
+ * (dual-monitor treatment active), -EFAULT on a fault (#UD when the CPU is
+ * not in VMX operation), so the emergency path can call it blindly from NMI
+ * context, as KVM's kvm_cpu_vmxoff() does.
+ */
+int rkvm_vmxoff(void)
+{
+	asm goto("1: vmxoff\n\t"
+		 "jbe %l[vmfail]\n\t"
+		 _ASM_EXTABLE(1b, %l[fault])
+		 : : : "cc", "memory" : vmfail, fault);
+	return 0;
+vmfail:
+	return -EIO;
+fault:
+	return -EFAULT;
+}

@@ -1,0 +1,48 @@
+//! rkvm: a minimal type-2 hypervisor for Intel VMX.
+//!
+//! At load it checks that the CPU has VMX and firmware enabled it, reads the
+//! VMX capability MSRs, enters VMX root operation on every online CPU (and
+//! follows CPU hotplug), and registers `/dev/rkvm`. At unload it leaves VMX
+//! operation everywhere and frees everything.
+//!
+//! Map of the module:
+//! - `vmx/probe.rs`: CPUID and MSR checks, capability decoding;
+//! - `vmx/host.rs`: VMXON/VMXOFF per CPU, hotplug, emergency VMXOFF;
+//! - `dev.rs`: the `/dev/rkvm` misc device;
+//! - `mm.rs`: owned pages with physical addresses;
+//! - `glue.rs` + `glue.c`: the kernel facilities 6.12's Rust bindings lack.
+//!
+//! Pure logic (capability decoding, fixed bits) lives in the `rkvm_core`
+//! crate (`module/core`), which host `cargo test` checks.
+
+use kernel::prelude::*;
+
+mod dev;
+mod glue;
+mod mm;
+mod vmx;
+
+module! {
+    type: Rkvm,
+    name: "rkvm",
+    author: "rkvm developers",
+    description: "Minimal Intel VMX hypervisor with a KVM-compatible /dev/rkvm",
+    license: "GPL",
+}
+
+/// The loaded module. Fields drop in order: `/dev/rkvm` goes away before the
+/// CPUs leave VMX operation.
+struct Rkvm {
+    _dev: dev::Device,
+    _vmx: vmx::VmxHost,
+}
+
+impl kernel::Module for Rkvm {
+    fn init(module: &'static ThisModule) -> Result<Self> {
+        let caps = vmx::probe()?;
+        let vmx = vmx::VmxHost::enable(caps)?;
+        pr_info!("VMX root operation on {} CPUs; {}\n", vmx.cpus_in_vmx(), vmx.caps());
+        let dev = dev::Device::register(module)?;
+        Ok(Rkvm { _dev: dev, _vmx: vmx })
+    }
+}

@@ -1,0 +1,253 @@
+//! Holding every online CPU in VMX root operation while rkvm is loaded.
+//!
+//! - Each possible CPU gets a VMXON region at load (SDM Vol. 3C, 25.11.5,
+//!   "VMXON Region"): a zeroed page whose first 4 bytes hold the VMCS
+//!   revision identifier from IA32_VMX_BASIC.
+//! - A CPU-hotplug state (CPUHP_AP_ONLINE_DYN) runs [`cpu_online`] on every
+//!   online CPU now and on every CPU that comes online later, and
+//!   [`cpu_offline`] on a CPU going offline and on every CPU at unload. The
+//!   hotplug core rolls back: if VMXON fails on one CPU, the CPUs that
+//!   already succeeded run [`cpu_offline`], so none is left in VMX operation.
+//! - The kernel's emergency virtualization callback ([`emergency_vmxoff`])
+//!   leaves VMX operation on crash, emergency reboot and kexec, because a CPU
+//!   in VMX root operation ignores INIT (SDM Vol. 3C, 25.2) and a kdump or
+//!   kexec'd kernel could not bring it up.
+//!
+//! Context: the hotplug callbacks run in the hotplug thread of the CPU they
+//! act on (pinned to it, preemptible); the emergency callback runs in NMI
+//! context on every CPU.
+
+use core::ffi::{c_int, c_uint};
+use core::ptr;
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+use kernel::alloc::{flags::GFP_KERNEL, KBox, KVec};
+use kernel::bindings;
+use kernel::c_str;
+use kernel::error::{
+    code::{EBUSY, EINVAL, EIO},
+    Error, Result,
+};
+use kernel::prelude::*;
+
+use rkvm_core::caps::VmxCaps;
+
+use super::{probe, CR4_VMXE};
+use crate::glue;
+use crate::mm::Page;
+
+/// One CPU's VMX state.
+struct PerCpu {
+    /// The VMXON region, revision identifier already written.
+    vmxon_region: Page,
+    /// Set by a successful VMXON on this CPU, cleared by VMXOFF.
+    in_vmx: AtomicBool,
+}
+
+/// State shared with the hotplug callbacks, which take no context argument.
+struct Shared {
+    caps: VmxCaps,
+    /// Indexed by CPU number, one entry per possible CPU (`nr_cpu_ids`).
+    cpus: KVec<PerCpu>,
+    /// Set once load-time VMXON is done: later hotplug events are logged.
+    loaded: AtomicBool,
+}
+
+/// The [`Shared`] of the loaded module, for the hotplug callbacks.
+///
+/// Set before the hotplug state is installed and cleared after it is
+/// removed, so every callback invocation finds it valid. The module is
+/// single-instance: there is one VMX host per kernel.
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(ptr::null_mut());
+
+/// Every online CPU in VMX root operation, for as long as this value lives.
+///
+/// # Invariants
+/// `hotplug_state` is the dynamic hotplug state installed for `shared`, and
+/// [`SHARED`] points to `shared` until `Drop` has removed that state.
+pub(crate) struct VmxHost {
+    shared: KBox<Shared>,
+    hotplug_state: c_int,
+}
+
+impl VmxHost {
+    /// Allocates the VMXON regions, enters VMX operation on every online CPU
+    /// and installs the emergency callback.
+    ///
+    /// # Errors
+    /// - `EBUSY`: VMX is in use on some CPU (CR4.VMXE already set), e.g. by
+    ///   kvm_intel loaded with enable_virt_at_load=1 or running a VM;
+    /// - `EOPNOTSUPP`: firmware disabled VMX on some CPU;
+    /// - `EIO`: CR0/CR4 violate the VMX fixed bits, or VMXON failed;
+    /// - `ENOMEM`.
+    ///
+    /// On error no CPU is in VMX operation and every CR4 is as it was.
+    pub(crate) fn enable(caps: VmxCaps) -> Result<Self> {
+        // SAFETY: `nr_cpu_ids` is set during early boot and never changes
+        // once modules can load.
+        let possible = unsafe { bindings::nr_cpu_ids } as usize;
+        let revision = caps.basic.revision_id().to_le_bytes();
+        let mut cpus = KVec::with_capacity(possible, GFP_KERNEL)?;
+        for _ in 0..possible {
+            let mut vmxon_region = Page::alloc_zeroed()?;
+            vmxon_region.as_mut_bytes()[..4].copy_from_slice(&revision);
+            cpus.push(PerCpu { vmxon_region, in_vmx: AtomicBool::new(false) }, GFP_KERNEL)?;
+        }
+        let shared = KBox::new(Shared { caps, cpus, loaded: AtomicBool::new(false) }, GFP_KERNEL)?;
+        let shared_ptr = ptr::from_ref::<Shared>(&shared).cast_mut();
+        if SHARED
+            .compare_exchange(ptr::null_mut(), shared_ptr, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(EBUSY);
+        }
+
+        // SAFETY: the name is a static C string; the callbacks are valid for
+        // as long as the module is loaded, and `Drop` removes the state.
+        let state = unsafe {
+            bindings::__cpuhp_setup_state(
+                bindings::cpuhp_state_CPUHP_AP_ONLINE_DYN,
+                c_str!("rkvm:online").as_char_ptr(),
+                true,
+                Some(cpu_online),
+                Some(cpu_offline),
+                false,
+            )
+        };
+        if state < 0 {
+            // The hotplug core already ran `cpu_offline` on the CPUs where
+            // `cpu_online` had succeeded.
+            SHARED.store(ptr::null_mut(), Ordering::Release);
+            return Err(Error::from_errno(state));
+        }
+        shared.loaded.store(true, Ordering::Release);
+
+        // Installed only now: had VMX been in use by another hypervisor, we
+        // failed above without touching the single callback slot it holds.
+        // SAFETY: `emergency_vmxoff` is NMI-safe and lives as long as the
+        // module; `Drop` unregisters it.
+        unsafe { glue::register_emergency_callback(emergency_vmxoff) };
+
+        // INVARIANT: `state` is installed for `shared`, which SHARED points to.
+        Ok(Self { shared, hotplug_state: state })
+    }
+
+    /// The capabilities every CPU was checked against.
+    pub(crate) fn caps(&self) -> &VmxCaps {
+        &self.shared.caps
+    }
+
+    /// How many CPUs are in VMX operation now.
+    pub(crate) fn cpus_in_vmx(&self) -> usize {
+        self.shared.cpus.iter().filter(|c| c.in_vmx.load(Ordering::Acquire)).count()
+    }
+}
+
+impl Drop for VmxHost {
+    fn drop(&mut self) {
+        // From here on, `cpu_offline` runs because of the unload: not logged.
+        self.shared.loaded.store(false, Ordering::Release);
+        // SAFETY: by the type invariant `hotplug_state` is ours; removing it
+        // runs `cpu_offline` (VMXOFF) on every online CPU and waits for it.
+        unsafe { bindings::__cpuhp_remove_state(self.hotplug_state as _, true) };
+        // No CPU is in VMX operation any more: the emergency callback has
+        // nothing left to do. Unregistering waits for running invocations.
+        // SAFETY: `emergency_vmxoff` is the callback `enable` registered.
+        unsafe { glue::unregister_emergency_callback(emergency_vmxoff) };
+        SHARED.store(ptr::null_mut(), Ordering::Release);
+        pr_info!("VMXOFF done on every CPU\n");
+        // `shared` (the VMXON regions) is freed after this: no CPU uses them.
+    }
+}
+
+impl Shared {
+    /// Enters VMX root operation on `cpu`, the CPU this runs on.
+    fn enable_on(&self, cpu: usize) -> Result {
+        let this = self.cpus.get(cpu).ok_or(EINVAL)?;
+        let cr4 = glue::read_cr4();
+        if cr4 & CR4_VMXE != 0 {
+            pr_err!(
+                "CPU {cpu}: VMX is already in use (CR4.VMXE is set): another hypervisor, \
+                 e.g. kvm_intel, holds it; unload it or load kvm with enable_virt_at_load=0\n"
+            );
+            return Err(EBUSY);
+        }
+        probe::check_firmware(cpu as u32)?;
+
+        // SAFETY: reading CR0 at CPL 0 has no side effects.
+        let cr0 = unsafe { x86::controlregs::cr0() }.bits() as u64;
+        if let Err(v) = self.caps.cr0_fixed.check(cr0) {
+            pr_err!("CPU {cpu}: CR0 {cr0:#x} violates the VMX fixed bits (set {:#x}, clear {:#x})\n", v.must_set, v.must_clear);
+            return Err(EIO);
+        }
+        if let Err(v) = self.caps.cr4_fixed.check(cr4 | CR4_VMXE) {
+            pr_err!("CPU {cpu}: CR4 {cr4:#x} violates the VMX fixed bits (set {:#x}, clear {:#x})\n", v.must_set, v.must_clear);
+            return Err(EIO);
+        }
+
+        glue::cr4_set_vmxe();
+        // SAFETY: the region is a page owned by `self.cpus[cpu]`, prepared
+        // with the revision identifier and used by no other CPU; the hotplug
+        // thread running this is pinned to `cpu`.
+        match unsafe { glue::vmxon(this.vmxon_region.phys()) } {
+            Ok(()) => {
+                this.in_vmx.store(true, Ordering::Release);
+                if self.loaded.load(Ordering::Acquire) {
+                    pr_info!("CPU {cpu} came online: VMXON done\n");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                glue::cr4_clear_vmxe();
+                pr_err!("CPU {cpu}: VMXON failed ({e:?}); CR4.VMXE restored\n");
+                Err(EIO)
+            }
+        }
+    }
+
+    /// Leaves VMX operation on `cpu`, the CPU this runs on.
+    fn disable_on(&self, cpu: usize) {
+        let Some(this) = self.cpus.get(cpu) else { return };
+        if !this.in_vmx.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = glue::vmxoff() {
+            pr_err!("CPU {cpu}: VMXOFF failed ({e:?})\n");
+        }
+        glue::cr4_clear_vmxe();
+        if self.loaded.load(Ordering::Acquire) {
+            pr_info!("CPU {cpu} going offline: VMXOFF done\n");
+        }
+    }
+}
+
+/// Hotplug startup callback: VMXON on `cpu`.
+unsafe extern "C" fn cpu_online(cpu: c_uint) -> c_int {
+    // SAFETY: SHARED is valid while the hotplug state exists (see `SHARED`).
+    let Some(shared) = (unsafe { SHARED.load(Ordering::Acquire).as_ref() }) else {
+        return EINVAL.to_errno();
+    };
+    match shared.enable_on(cpu as usize) {
+        Ok(()) => 0,
+        Err(e) => e.to_errno(),
+    }
+}
+
+/// Hotplug teardown callback: VMXOFF on `cpu`.
+unsafe extern "C" fn cpu_offline(cpu: c_uint) -> c_int {
+    // SAFETY: SHARED is valid while the hotplug state exists (see `SHARED`).
+    if let Some(shared) = unsafe { SHARED.load(Ordering::Acquire).as_ref() } {
+        shared.disable_on(cpu as usize);
+    }
+    0
+}
+
+/// Emergency callback (crash, emergency reboot, kexec): leave VMX operation
+/// on this CPU if it is in it. NMI context: no locks, no allocation, no
+/// printing; VMXOFF outside VMX operation is caught by its exception fixup.
+unsafe extern "C" fn emergency_vmxoff() {
+    if glue::read_cr4() & CR4_VMXE != 0 {
+        let _ = glue::vmxoff();
+        glue::cr4_clear_vmxe();
+    }
+}

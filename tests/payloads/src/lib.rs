@@ -1,0 +1,109 @@
+//! Guest payloads for rkvm's tests: small flat binaries assembled here with
+//! iced-x86's code assembler, so every guest a test runs is built from source
+//! in this repository.
+//!
+//! Each payload documents where it must be loaded and what it does; the
+//! conventions are those of `rkvm run`: serial output on COM1 (0x3f8), exit
+//! status through QEMU's isa-debug-exit port (0xf4), HLT with interrupts
+//! disabled for a clean stop.
+
+use iced_x86::code_asm::*;
+
+/// COM1, where payloads print.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// isa-debug-exit: writing V makes the VMM exit with status (V << 1) | 1.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Where real-mode payloads are loaded and entered (`rkvm run` default).
+pub const REAL_MODE_LOAD: u64 = 0x1000;
+
+/// A named payload.
+pub struct Payload {
+    /// File name, e.g. `hello-real.bin`.
+    pub name: &'static str,
+    /// The flat binary.
+    pub image: Vec<u8>,
+}
+
+/// Prints `msg` on COM1 from 16-bit code at [`REAL_MODE_LOAD`], then runs
+/// `tail`. The message follows the code; its address is found by assembling
+/// twice (`mov si, imm16` has one encoding, so the length does not change).
+fn real_mode_print(
+    msg: &str,
+    tail: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<Vec<u8>, IcedError> {
+    let code = |text_addr: u64| -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut next = a.create_label();
+        let mut done = a.create_label();
+        a.xor(ax, ax)?;
+        a.mov(ds, ax)?;
+        a.mov(si, text_addr as u32)?;
+        a.mov(dx, u32::from(SERIAL_PORT))?;
+        a.cld()?;
+        a.set_label(&mut next)?;
+        a.lodsb()?;
+        a.test(al, al)?;
+        a.jz(done)?;
+        a.out(dx, al)?;
+        a.jmp(next)?;
+        a.set_label(&mut done)?;
+        tail(&mut a)?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    let len = code(0)?.len() as u64;
+    let mut image = code(REAL_MODE_LOAD + len)?;
+    assert_eq!(image.len() as u64, len, "code length changed between passes");
+    image.extend_from_slice(msg.as_bytes());
+    image.push(0);
+    Ok(image)
+}
+
+/// `hello-real.bin`: real mode, prints "Hello from real mode!\n", then
+/// `cli; hlt` (the VMM exits 0).
+pub fn hello_real() -> Payload {
+    let image = real_mode_print("Hello from real mode!\n", |a| {
+        a.cli()?;
+        a.hlt()
+    })
+    .expect("hello-real assembles");
+    Payload { name: "hello-real.bin", image }
+}
+
+/// `exit-status-real.bin`: real mode, prints "exiting with 0x21\n" and
+/// writes 0x21 to the debug-exit port: the VMM exits with 0x43 (67).
+pub fn exit_status_real() -> Payload {
+    let image = real_mode_print("exiting with 0x21\n", |a| {
+        a.mov(al, 0x21u32)?;
+        a.out(u32::from(DEBUG_EXIT_PORT), al)?;
+        a.cli()?;
+        a.hlt()
+    })
+    .expect("exit-status-real assembles");
+    Payload { name: "exit-status-real.bin", image }
+}
+
+/// Every payload, for writing them all out.
+pub fn all() -> Vec<Payload> {
+    vec![hello_real(), exit_status_real()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_real_carries_its_message_and_ends_in_cli_hlt_before_it() {
+        let image = hello_real().image;
+        let text = b"Hello from real mode!\n\0";
+        assert!(image.ends_with(text));
+        let code = &image[..image.len() - text.len()];
+        assert_eq!(&code[code.len() - 2..], &[0xfa, 0xf4], "cli; hlt");
+    }
+
+    #[test]
+    fn exit_status_real_writes_0x21_to_port_0xf4() {
+        let image = exit_status_real().image;
+        // mov al, 0x21; out 0xf4, al
+        assert!(image.windows(4).any(|w| w == [0xb0, 0x21, 0xe6, 0xf4]));
+    }
+}
