@@ -71,7 +71,10 @@ mod tests {
     use super::*;
     use std::{cell::RefCell, rc::Rc};
 
-    struct Recorder(Rc<RefCell<Vec<(u16, Vec<u8>)>>>);
+    /// Writes seen by a device: (offset, data).
+    type WriteLog = Rc<RefCell<Vec<(u16, Vec<u8>)>>>;
+
+    struct Recorder(WriteLog);
     impl PortDevice for Recorder {
         fn read(&mut self, offset: u16, data: &mut [u8]) {
             data.fill(offset as u8);

@@ -45,7 +45,7 @@ pub struct RunConfig {
 /// Bad input, a device that is not KVM-like, a failed ioctl, or a guest that
 /// shut down or could not be entered (with a register dump).
 pub fn run(cfg: &RunConfig) -> Result<u8> {
-    if cfg.mem_size < MIN_MEM || cfg.mem_size % PAGE_SIZE != 0 {
+    if cfg.mem_size < MIN_MEM || !cfg.mem_size.is_multiple_of(PAGE_SIZE) {
         bail!("--mem {:#x}: guest RAM must be a multiple of 4 KiB and at least 64 KiB", cfg.mem_size);
     }
     if cfg.entry >= cfg.mem_size {
