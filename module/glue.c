@@ -18,6 +18,9 @@
  */
 #include <linux/miscdevice.h>
 #include <linux/fs.h>
+#include <linux/moduleparam.h>
+#include <linux/notifier.h>
+#include <linux/reboot.h>
 #include <linux/smp.h>
 #include <asm/tlbflush.h>
 #include <asm/asm.h>
@@ -34,6 +37,58 @@ void rkvm_cr4_set_vmxe(void);
 void rkvm_cr4_clear_vmxe(void);
 int rkvm_vmxon(u64 phys);
 int rkvm_vmxoff(void);
+int rkvm_fail_vmxon_on_cpu(void);
+int rkvm_register_reboot(void (*leave_vmx)(void));
+void rkvm_unregister_reboot(void);
+
+/*
+ * Fault injection for the testbed: VMXON "fails" on this CPU, so that the
+ * rollback of a partial load can be tested. Module parameters are declared
+ * here because 6.12's Rust module! macro has no parameter support.
+ */
+static int fail_vmxon_on_cpu = -1;
+module_param(fail_vmxon_on_cpu, int, 0444);
+MODULE_PARM_DESC(fail_vmxon_on_cpu,
+		 "Testing only: make VMXON fail on this CPU (default -1: never)");
+
+int rkvm_fail_vmxon_on_cpu(void)
+{
+	return READ_ONCE(fail_vmxon_on_cpu);
+}
+
+/*
+ * Reboot, halt, power-off and kexec: leave VMX operation on every CPU first.
+ * A CPU in VMX root operation blocks INIT (SDM Vol. 3C, 25.2), which firmware
+ * and a kexec'd kernel use to take over the other CPUs; some BIOSes hang on
+ * reboot otherwise. KVM does the same from its syscore shutdown hook.
+ */
+static void (*rkvm_leave_vmx)(void);
+
+static void rkvm_leave_vmx_ipi(void *unused)
+{
+	rkvm_leave_vmx();
+}
+
+static int rkvm_reboot_notify(struct notifier_block *nb, unsigned long action, void *data)
+{
+	on_each_cpu(rkvm_leave_vmx_ipi, NULL, 1);
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block rkvm_reboot_nb = {
+	.notifier_call = rkvm_reboot_notify,
+};
+
+int rkvm_register_reboot(void (*leave_vmx)(void))
+{
+	rkvm_leave_vmx = leave_vmx;
+	return register_reboot_notifier(&rkvm_reboot_nb);
+}
+
+void rkvm_unregister_reboot(void)
+{
+	unregister_reboot_notifier(&rkvm_reboot_nb);
+}
 
 /* The /dev/rkvm device: root only (0600), like /dev/kvm's default. */
 static struct miscdevice rkvm_misc = {

@@ -19,6 +19,9 @@ mod ffi {
         pub(super) fn rkvm_cr4_clear_vmxe();
         pub(super) fn rkvm_vmxon(phys: u64) -> i32;
         pub(super) fn rkvm_vmxoff() -> i32;
+        pub(super) fn rkvm_fail_vmxon_on_cpu() -> i32;
+        pub(super) fn rkvm_register_reboot(leave_vmx: unsafe extern "C" fn()) -> i32;
+        pub(super) fn rkvm_unregister_reboot();
         // arch/x86/kernel/reboot.c, EXPORT_SYMBOL_GPL.
         pub(super) fn cpu_emergency_register_virt_callback(cb: unsafe extern "C" fn());
         pub(super) fn cpu_emergency_unregister_virt_callback(cb: unsafe extern "C" fn());
@@ -115,6 +118,30 @@ pub(crate) fn vmxoff() -> core::result::Result<(), VmxInsnError> {
     // VMX operation invalidates nothing the host relies on (no VMCS is in
     // use by rkvm while it owns no vCPUs on this CPU).
     insn_result(unsafe { ffi::rkvm_vmxoff() })
+}
+
+/// The CPU on which the `fail_vmxon_on_cpu` module parameter asks VMXON to
+/// fail (testing the rollback of a partial load), if any.
+pub(crate) fn fail_vmxon_on_cpu() -> Option<u32> {
+    // SAFETY: reads an int module parameter; no precondition.
+    u32::try_from(unsafe { ffi::rkvm_fail_vmxon_on_cpu() }).ok()
+}
+
+/// Runs `leave_vmx` on every CPU (by IPI, interrupts disabled) when the
+/// system reboots, halts, powers off or kexecs.
+///
+/// # Safety
+/// `leave_vmx` must be callable in IPI context until [`unregister_reboot`]
+/// returns.
+pub(crate) unsafe fn register_reboot(leave_vmx: unsafe extern "C" fn()) -> Result {
+    // SAFETY: the caller guarantees `leave_vmx`'s lifetime and context.
+    to_result(unsafe { ffi::rkvm_register_reboot(leave_vmx) })
+}
+
+/// Removes the reboot hook; waits for a running notifier chain.
+pub(crate) fn unregister_reboot() {
+    // SAFETY: only called after a successful `register_reboot`.
+    unsafe { ffi::rkvm_unregister_reboot() }
 }
 
 /// Installs `cb` as the kernel's emergency virtualization callback: it runs

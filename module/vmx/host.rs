@@ -8,10 +8,12 @@
 //!   [`cpu_offline`] on a CPU going offline and on every CPU at unload. The
 //!   hotplug core rolls back: if VMXON fails on one CPU, the CPUs that
 //!   already succeeded run [`cpu_offline`], so none is left in VMX operation.
-//! - The kernel's emergency virtualization callback ([`emergency_vmxoff`])
-//!   leaves VMX operation on crash, emergency reboot and kexec, because a CPU
-//!   in VMX root operation ignores INIT (SDM Vol. 3C, 25.2) and a kdump or
-//!   kexec'd kernel could not bring it up.
+//! - A CPU in VMX root operation ignores INIT (SDM Vol. 3C, 25.2), which
+//!   firmware and a kexec'd or kdump kernel use to take over CPUs. So a
+//!   reboot notifier ([`reboot_vmxoff`]) leaves VMX operation on every CPU
+//!   before reboot, halt, power-off and kexec, and the kernel's emergency
+//!   virtualization callback ([`emergency_vmxoff`]) does it on crash and
+//!   emergency reboot.
 //!
 //! Context: the hotplug callbacks run in the hotplug thread of the CPU they
 //! act on (pinned to it, preemptible); the emergency callback runs in NMI
@@ -19,7 +21,7 @@
 
 use core::ffi::{c_int, c_uint};
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 
 use kernel::alloc::{flags::GFP_KERNEL, KBox, KVec};
 use kernel::bindings;
@@ -49,8 +51,18 @@ struct Shared {
     caps: VmxCaps,
     /// Indexed by CPU number, one entry per possible CPU (`nr_cpu_ids`).
     cpus: KVec<PerCpu>,
-    /// Set once load-time VMXON is done: later hotplug events are logged.
-    loaded: AtomicBool,
+    /// Where the module is in its life: decides what a callback logs.
+    phase: AtomicU8,
+}
+
+/// Values of [`Shared::phase`].
+mod phase {
+    /// Load-time VMXON in progress: a teardown now is a rollback.
+    pub(super) const LOADING: u8 = 0;
+    /// Loaded: callbacks are CPU hotplug events.
+    pub(super) const LOADED: u8 = 1;
+    /// Unloading, rebooting: VMXOFF everywhere, not worth a line per CPU.
+    pub(super) const LEAVING: u8 = 2;
 }
 
 /// The [`Shared`] of the loaded module, for the hotplug callbacks.
@@ -93,13 +105,23 @@ impl VmxHost {
             vmxon_region.as_mut_bytes()[..4].copy_from_slice(&revision);
             cpus.push(PerCpu { vmxon_region, in_vmx: AtomicBool::new(false) }, GFP_KERNEL)?;
         }
-        let shared = KBox::new(Shared { caps, cpus, loaded: AtomicBool::new(false) }, GFP_KERNEL)?;
+        let shared = KBox::new(Shared { caps, cpus, phase: AtomicU8::new(phase::LOADING) }, GFP_KERNEL)?;
         let shared_ptr = ptr::from_ref::<Shared>(&shared).cast_mut();
         if SHARED
             .compare_exchange(ptr::null_mut(), shared_ptr, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
             return Err(EBUSY);
+        }
+
+        // The reboot hook goes first, so that no CPU is ever in VMX operation
+        // without it. Until VMXON it finds nothing to do.
+        // SAFETY: `reboot_vmxoff` runs in IPI context and only touches this
+        // CPU's state; it lives as long as the module; `Drop` (or the error
+        // path below) unregisters it.
+        if let Err(e) = unsafe { glue::register_reboot(reboot_vmxoff) } {
+            SHARED.store(ptr::null_mut(), Ordering::Release);
+            return Err(e);
         }
 
         // SAFETY: the name is a static C string; the callbacks are valid for
@@ -117,10 +139,11 @@ impl VmxHost {
         if state < 0 {
             // The hotplug core already ran `cpu_offline` on the CPUs where
             // `cpu_online` had succeeded.
+            glue::unregister_reboot();
             SHARED.store(ptr::null_mut(), Ordering::Release);
             return Err(Error::from_errno(state));
         }
-        shared.loaded.store(true, Ordering::Release);
+        shared.phase.store(phase::LOADED, Ordering::Release);
 
         // Installed only now: had VMX been in use by another hypervisor, we
         // failed above without touching the single callback slot it holds.
@@ -146,12 +169,14 @@ impl VmxHost {
 impl Drop for VmxHost {
     fn drop(&mut self) {
         // From here on, `cpu_offline` runs because of the unload: not logged.
-        self.shared.loaded.store(false, Ordering::Release);
+        self.shared.phase.store(phase::LEAVING, Ordering::Release);
         // SAFETY: by the type invariant `hotplug_state` is ours; removing it
         // runs `cpu_offline` (VMXOFF) on every online CPU and waits for it.
         unsafe { bindings::__cpuhp_remove_state(self.hotplug_state as _, true) };
-        // No CPU is in VMX operation any more: the emergency callback has
-        // nothing left to do. Unregistering waits for running invocations.
+        // No CPU is in VMX operation any more: the reboot hook and the
+        // emergency callback have nothing left to do. Unregistering waits
+        // for running invocations.
+        glue::unregister_reboot();
         // SAFETY: `emergency_vmxoff` is the callback `enable` registered.
         unsafe { glue::unregister_emergency_callback(emergency_vmxoff) };
         SHARED.store(ptr::null_mut(), Ordering::Release);
@@ -186,13 +211,18 @@ impl Shared {
         }
 
         glue::cr4_set_vmxe();
+        if glue::fail_vmxon_on_cpu() == Some(cpu as u32) {
+            glue::cr4_clear_vmxe();
+            pr_err!("CPU {cpu}: VMXON failed (injected by fail_vmxon_on_cpu={cpu}); CR4.VMXE restored\n");
+            return Err(EIO);
+        }
         // SAFETY: the region is a page owned by `self.cpus[cpu]`, prepared
         // with the revision identifier and used by no other CPU; the hotplug
         // thread running this is pinned to `cpu`.
         match unsafe { glue::vmxon(this.vmxon_region.phys()) } {
             Ok(()) => {
                 this.in_vmx.store(true, Ordering::Release);
-                if self.loaded.load(Ordering::Acquire) {
+                if self.phase.load(Ordering::Acquire) == phase::LOADED {
                     pr_info!("CPU {cpu} came online: VMXON done\n");
                 }
                 Ok(())
@@ -215,8 +245,10 @@ impl Shared {
             pr_err!("CPU {cpu}: VMXOFF failed ({e:?})\n");
         }
         glue::cr4_clear_vmxe();
-        if self.loaded.load(Ordering::Acquire) {
-            pr_info!("CPU {cpu} going offline: VMXOFF done\n");
+        match self.phase.load(Ordering::Acquire) {
+            phase::LOADING => pr_info!("CPU {cpu}: VMXOFF done, rolling back the failed load\n"),
+            phase::LOADED => pr_info!("CPU {cpu} going offline: VMXOFF done\n"),
+            _ => {}
         }
     }
 }
@@ -240,6 +272,17 @@ unsafe extern "C" fn cpu_offline(cpu: c_uint) -> c_int {
         shared.disable_on(cpu as usize);
     }
     0
+}
+
+/// Reboot hook, on every CPU by IPI: leave VMX operation on this CPU.
+unsafe extern "C" fn reboot_vmxoff() {
+    // SAFETY: SHARED is valid while the hook is registered (it is removed in
+    // `Drop` before SHARED is cleared).
+    let Some(shared) = (unsafe { SHARED.load(Ordering::Acquire).as_ref() }) else { return };
+    if shared.phase.swap(phase::LEAVING, Ordering::AcqRel) != phase::LEAVING {
+        pr_info!("leaving VMX operation on every CPU for reboot, halt or kexec\n");
+    }
+    shared.disable_on(glue::this_cpu() as usize);
 }
 
 /// Emergency callback (crash, emergency reboot, kexec): leave VMX operation

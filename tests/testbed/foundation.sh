@@ -135,6 +135,25 @@ kvm_vm_creation_refused_while_rkvm_holds_vmx() {
     unload_all
 }
 
+# fail_vmxon_on_cpu=1 makes VMXON fail on CPU 1 after it succeeded on CPU 0.
+# The hotplug core rolls CPU 0 back; afterwards no CPU may have CR4.VMXE set,
+# which KVM proves by taking VMX on every CPU.
+vmxon_failure_on_one_cpu_rolls_back() {
+    unload_all
+    expect_fail modprobe rkvm fail_vmxon_on_cpu=1
+    grep -q 'Input/output error' /tmp/expect.out
+    dmesg | tail -n 5 | grep -q 'rkvm: CPU 1: VMXON failed (injected by fail_vmxon_on_cpu=1); CR4.VMXE restored'
+    dmesg | tail -n 5 | grep -q 'rkvm: CPU 0: VMXOFF done, rolling back the failed load'
+    test ! -e /dev/rkvm
+    modprobe kvm enable_virt_at_load=1
+    modprobe kvm_intel
+    rkvm run --dev /dev/kvm /payloads/hello-real.bin | grep -qx 'Hello from real mode!'
+    unload_all
+    modprobe rkvm
+    dmesg | tail -n 3 | grep -q "VMX root operation on $ncpus CPUs"
+    rmmod rkvm
+}
+
 check "the guest has 2 CPUs" two_cpus
 check "modprobe rkvm creates /dev/rkvm, root only (0600)" load_creates_root_only_device
 check "VMXON happened on every CPU" vmxon_on_every_cpu
@@ -146,5 +165,8 @@ check "load with CPU 1 offline, then bring it online" load_with_cpu_offline_then
 check "kvm_intel holding VMX makes modprobe rkvm fail with EBUSY; KVM still runs a guest" refuses_when_kvm_holds_vmx
 check "with rkvm loaded, kvm_intel (enable_virt_at_load=1) fails to load; rkvm still works" kvm_refused_while_rkvm_holds_vmx
 check "with rkvm loaded, KVM refuses to create a VM; works again after rmmod rkvm" kvm_vm_creation_refused_while_rkvm_holds_vmx
-unload_all
+check "VMXON failing on CPU 1 rolls back CPU 0 and restores CR4 everywhere" vmxon_failure_on_one_cpu_rolls_back
+# Leave rkvm loaded: the launcher powers off through the kernel, and
+# tests/run checks that rkvm's reboot hook left VMX operation on every CPU.
+modprobe rkvm
 finish
