@@ -387,7 +387,6 @@ mod tests {
     use super::*;
     use crate::testdata::{BOCHS_HASWELL, NO_SECONDARY};
 
-    extern crate std;
     use std::{string::ToString, vec::Vec};
 
     #[test]

@@ -9,6 +9,11 @@
 
 #![no_std]
 
+// Host tests use std (and crates that name it).
+#[cfg(test)]
+extern crate std;
+
+pub mod abi;
 pub mod caps;
 pub mod fixed;
 pub mod msr;

@@ -1,0 +1,194 @@
+//! KVM's ioctl ABI as `/dev/rkvm` speaks it: the ioctl number encoding of
+//! include/uapi/asm-generic/ioctl.h and the numbers of the KVM ioctls rkvm
+//! implements, from include/uapi/linux/kvm.h.
+//!
+//! The numbers depend on the sizes of KVM's structs. [`kvm_ioctl_numbers!`]
+//! takes the module that defines those structs, so the same list is
+//! instantiated twice: in rkvm.ko with structs that bindgen generates from the
+//! kernel's own uapi header, and in the host tests with the rust-vmm
+//! `kvm-bindings` crate, where every number is compared with `kvm-ioctls`'s.
+
+/// The ioctl type of every KVM ioctl (`KVMIO`).
+pub const KVMIO: u32 = 0xae;
+
+const NRBITS: u32 = 8;
+const TYPEBITS: u32 = 8;
+const SIZEBITS: u32 = 14;
+const NRSHIFT: u32 = 0;
+const TYPESHIFT: u32 = NRSHIFT + NRBITS;
+const SIZESHIFT: u32 = TYPESHIFT + TYPEBITS;
+const DIRSHIFT: u32 = SIZESHIFT + SIZEBITS;
+
+/// No data moves.
+pub const IOC_NONE: u32 = 0;
+/// Userspace writes, the kernel reads (`_IOW`).
+pub const IOC_WRITE: u32 = 1;
+/// The kernel writes, userspace reads (`_IOR`).
+pub const IOC_READ: u32 = 2;
+
+/// `_IOC(dir, KVMIO, nr, size)`.
+pub const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
+    assert!(size < (1 << SIZEBITS), "ioctl argument too large to encode");
+    (dir << DIRSHIFT) | (KVMIO << TYPESHIFT) | (nr << NRSHIFT) | ((size as u32) << SIZESHIFT)
+}
+
+/// `_IO(KVMIO, nr)`.
+pub const fn io(nr: u32) -> u32 {
+    ioc(IOC_NONE, nr, 0)
+}
+
+/// `_IOR(KVMIO, nr, T)`.
+pub const fn ior<T>(nr: u32) -> u32 {
+    ioc(IOC_READ, nr, core::mem::size_of::<T>())
+}
+
+/// `_IOW(KVMIO, nr, T)`.
+pub const fn iow<T>(nr: u32) -> u32 {
+    ioc(IOC_WRITE, nr, core::mem::size_of::<T>())
+}
+
+/// `_IOWR(KVMIO, nr, T)`.
+pub const fn iowr<T>(nr: u32) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, nr, core::mem::size_of::<T>())
+}
+
+/// The direction bits of an ioctl number (`_IOC_DIR`).
+pub const fn dir(cmd: u32) -> u32 {
+    cmd >> DIRSHIFT
+}
+
+/// The argument size of an ioctl number (`_IOC_SIZE`).
+pub const fn size(cmd: u32) -> usize {
+    ((cmd >> SIZESHIFT) & ((1 << SIZEBITS) - 1)) as usize
+}
+
+/// Defines the KVM ioctl numbers rkvm implements, as `u32` constants named
+/// as in KVM, in the current module, computed from the structs of module
+/// `$kvm` (which must define `kvm_cpuid2`, `kvm_userspace_memory_region`,
+/// `kvm_regs`, `kvm_sregs`, `kvm_msrs`, `kvm_fpu`).
+#[macro_export]
+macro_rules! kvm_ioctl_numbers {
+    ($kvm:path) => {
+        use $kvm as kvm_abi_structs;
+        use $crate::abi::{io, ior, iow, iowr};
+
+        // System ioctls (on /dev/rkvm), api.rst section 4.
+        /// KVM_GET_API_VERSION
+        pub const KVM_GET_API_VERSION: u32 = io(0x00);
+        /// KVM_CREATE_VM
+        pub const KVM_CREATE_VM: u32 = io(0x01);
+        /// KVM_CHECK_EXTENSION (also a VM ioctl)
+        pub const KVM_CHECK_EXTENSION: u32 = io(0x03);
+        /// KVM_GET_VCPU_MMAP_SIZE
+        pub const KVM_GET_VCPU_MMAP_SIZE: u32 = io(0x04);
+        /// KVM_GET_SUPPORTED_CPUID
+        pub const KVM_GET_SUPPORTED_CPUID: u32 = iowr::<kvm_abi_structs::kvm_cpuid2>(0x05);
+
+        // VM ioctls.
+        /// KVM_CREATE_VCPU
+        pub const KVM_CREATE_VCPU: u32 = io(0x41);
+        /// KVM_SET_USER_MEMORY_REGION
+        pub const KVM_SET_USER_MEMORY_REGION: u32 =
+            iow::<kvm_abi_structs::kvm_userspace_memory_region>(0x46);
+        /// KVM_SET_TSS_ADDR
+        pub const KVM_SET_TSS_ADDR: u32 = io(0x47);
+        /// KVM_SET_IDENTITY_MAP_ADDR
+        pub const KVM_SET_IDENTITY_MAP_ADDR: u32 = iow::<u64>(0x48);
+
+        // vCPU ioctls.
+        /// KVM_RUN
+        pub const KVM_RUN: u32 = io(0x80);
+        /// KVM_GET_REGS
+        pub const KVM_GET_REGS: u32 = ior::<kvm_abi_structs::kvm_regs>(0x81);
+        /// KVM_SET_REGS
+        pub const KVM_SET_REGS: u32 = iow::<kvm_abi_structs::kvm_regs>(0x82);
+        /// KVM_GET_SREGS
+        pub const KVM_GET_SREGS: u32 = ior::<kvm_abi_structs::kvm_sregs>(0x83);
+        /// KVM_SET_SREGS
+        pub const KVM_SET_SREGS: u32 = iow::<kvm_abi_structs::kvm_sregs>(0x84);
+        /// KVM_GET_MSRS
+        pub const KVM_GET_MSRS: u32 = iowr::<kvm_abi_structs::kvm_msrs>(0x88);
+        /// KVM_SET_MSRS
+        pub const KVM_SET_MSRS: u32 = iow::<kvm_abi_structs::kvm_msrs>(0x89);
+        /// KVM_GET_FPU
+        pub const KVM_GET_FPU: u32 = ior::<kvm_abi_structs::kvm_fpu>(0x8c);
+        /// KVM_SET_FPU
+        pub const KVM_SET_FPU: u32 = iow::<kvm_abi_structs::kvm_fpu>(0x8d);
+        /// KVM_SET_CPUID2
+        pub const KVM_SET_CPUID2: u32 = iow::<kvm_abi_structs::kvm_cpuid2>(0x90);
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The numbers instantiated with kvm-bindings' structs.
+    mod host {
+        crate::kvm_ioctl_numbers!(kvm_bindings);
+    }
+
+    /// The same ioctls as kvm-ioctls (through vmm-sys-util) encodes them.
+    mod reference {
+        #![allow(missing_docs, non_snake_case)]
+        use kvm_bindings::*;
+        use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+        ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
+        ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
+        ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+        ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
+        ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
+        ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+        ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
+        ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
+        ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
+        ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+        ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+        ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+        ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+        ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+        ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+        ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
+        ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+        ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
+        ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+    }
+
+    #[test]
+    fn every_ioctl_number_matches_kvm_ioctls() {
+        let pairs: &[(&str, u32, u64)] = &[
+            ("KVM_GET_API_VERSION", host::KVM_GET_API_VERSION, reference::KVM_GET_API_VERSION().into()),
+            ("KVM_CREATE_VM", host::KVM_CREATE_VM, reference::KVM_CREATE_VM().into()),
+            ("KVM_CHECK_EXTENSION", host::KVM_CHECK_EXTENSION, reference::KVM_CHECK_EXTENSION().into()),
+            ("KVM_GET_VCPU_MMAP_SIZE", host::KVM_GET_VCPU_MMAP_SIZE, reference::KVM_GET_VCPU_MMAP_SIZE().into()),
+            ("KVM_GET_SUPPORTED_CPUID", host::KVM_GET_SUPPORTED_CPUID, reference::KVM_GET_SUPPORTED_CPUID().into()),
+            ("KVM_CREATE_VCPU", host::KVM_CREATE_VCPU, reference::KVM_CREATE_VCPU().into()),
+            ("KVM_SET_USER_MEMORY_REGION", host::KVM_SET_USER_MEMORY_REGION, reference::KVM_SET_USER_MEMORY_REGION().into()),
+            ("KVM_SET_TSS_ADDR", host::KVM_SET_TSS_ADDR, reference::KVM_SET_TSS_ADDR().into()),
+            ("KVM_SET_IDENTITY_MAP_ADDR", host::KVM_SET_IDENTITY_MAP_ADDR, reference::KVM_SET_IDENTITY_MAP_ADDR().into()),
+            ("KVM_RUN", host::KVM_RUN, reference::KVM_RUN().into()),
+            ("KVM_GET_REGS", host::KVM_GET_REGS, reference::KVM_GET_REGS().into()),
+            ("KVM_SET_REGS", host::KVM_SET_REGS, reference::KVM_SET_REGS().into()),
+            ("KVM_GET_SREGS", host::KVM_GET_SREGS, reference::KVM_GET_SREGS().into()),
+            ("KVM_SET_SREGS", host::KVM_SET_SREGS, reference::KVM_SET_SREGS().into()),
+            ("KVM_GET_MSRS", host::KVM_GET_MSRS, reference::KVM_GET_MSRS().into()),
+            ("KVM_SET_MSRS", host::KVM_SET_MSRS, reference::KVM_SET_MSRS().into()),
+            ("KVM_GET_FPU", host::KVM_GET_FPU, reference::KVM_GET_FPU().into()),
+            ("KVM_SET_FPU", host::KVM_SET_FPU, reference::KVM_SET_FPU().into()),
+            ("KVM_SET_CPUID2", host::KVM_SET_CPUID2, reference::KVM_SET_CPUID2().into()),
+        ];
+        for (name, ours, theirs) in pairs {
+            assert_eq!(u64::from(*ours), *theirs, "{name}");
+        }
+    }
+
+    #[test]
+    fn direction_and_size_decode_back() {
+        assert_eq!(dir(host::KVM_GET_REGS), IOC_READ);
+        assert_eq!(dir(host::KVM_SET_REGS), IOC_WRITE);
+        assert_eq!(dir(host::KVM_GET_MSRS), IOC_READ | IOC_WRITE);
+        assert_eq!(dir(host::KVM_RUN), IOC_NONE);
+        assert_eq!(size(host::KVM_GET_REGS), core::mem::size_of::<kvm_bindings::kvm_regs>());
+        assert_eq!(size(host::KVM_RUN), 0);
+    }
+}
