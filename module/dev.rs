@@ -1,74 +1,108 @@
-//! `/dev/rkvm`: the character device through which userspace reaches rkvm.
-//!
-//! It will speak a subset of KVM's ioctl ABI (Documentation/virt/kvm/api.rst).
-//! Until an ioctl is implemented it is unknown, and unknown ioctls fail with
-//! `ENOTTY`, as on `/dev/kvm`.
+//! `/dev/rkvm`: the system file descriptor, speaking KVM's system ioctls
+//! (api.rst section 4) with KVM's numbers and structs. A VMM opens it, checks
+//! the API version and the capabilities, and creates VMs.
 //!
 //! Context: file operations run in the calling process's context and may
 //! sleep. An open file holds a reference on the module (`fops.owner`), so the
-//! module cannot be unloaded while one exists.
+//! module cannot be unloaded while one exists, nor while any VM or vCPU file
+//! does.
 
 use core::ffi::c_uint;
 
-use kernel::alloc::{flags::GFP_KERNEL, KBox};
 use kernel::bindings;
-use kernel::error::{code::ENOTTY, Result};
-use kernel::ThisModule;
+use kernel::error::{
+    code::{EINVAL, ENODEV, ENOTTY},
+    Result,
+};
 
 use crate::glue;
+use crate::kvm_abi::*;
+use crate::mm::PAGE_SIZE;
+use crate::vcpu::MMAP_PAGES;
+use crate::vm::{Vm, MAX_VCPUS};
+use crate::vmx::host::current_caps;
+
+/// The `file_operations` of `/dev/rkvm`.
+struct DevFops(bindings::file_operations);
+
+// SAFETY: immutable after construction; `owner` is THIS_MODULE.
+unsafe impl Sync for DevFops {}
+
+static DEV_FOPS: DevFops = DevFops({
+    // SAFETY: all-zero is a valid `file_operations` (no callbacks).
+    let mut fops: bindings::file_operations = unsafe { core::mem::zeroed() };
+    fops.owner = crate::THIS_MODULE.as_ptr();
+    fops.unlocked_ioctl = Some(rkvm_ioctl);
+    fops.compat_ioctl = Some(rkvm_ioctl);
+    fops.llseek = Some(bindings::noop_llseek);
+    fops
+});
 
 /// The registered misc device; deregistered on drop.
 ///
 /// # Invariants
-/// `fops` is registered with the misc device until `Drop`.
-pub(crate) struct Device {
-    fops: KBox<bindings::file_operations>,
-}
-
-// SAFETY: `Device` only holds the registered `file_operations`, which is
-// immutable after registration; its raw `owner` pointer is `THIS_MODULE`,
-// valid for the module's lifetime from any thread.
-unsafe impl Send for Device {}
-// SAFETY: as for `Send`: no method mutates the table.
-unsafe impl Sync for Device {}
+/// `/dev/rkvm` is registered with [`DEV_FOPS`] until `Drop`.
+pub(crate) struct Device(());
 
 impl Device {
     /// Creates `/dev/rkvm` (root only, mode 0600).
     ///
     /// # Errors
-    /// `ENOMEM`, or the error of `misc_register` (e.g. `EBUSY` if the name
-    /// is taken).
-    pub(crate) fn register(module: &'static ThisModule) -> Result<Self> {
-        let fops = KBox::new(
-            bindings::file_operations {
-                owner: module.as_ptr(),
-                unlocked_ioctl: Some(rkvm_ioctl),
-                compat_ioctl: Some(rkvm_ioctl),
-                llseek: Some(bindings::noop_llseek),
-                ..Default::default()
-            },
-            GFP_KERNEL,
-        )?;
-        // SAFETY: `fops` is boxed (stable address) and lives in the returned
-        // `Device`, whose `Drop` deregisters before freeing it.
-        unsafe { glue::misc_register(&*fops)? };
+    /// The error of `misc_register` (e.g. `EBUSY` if the name is taken).
+    pub(crate) fn register() -> Result<Self> {
+        // SAFETY: `DEV_FOPS` is a static.
+        unsafe { glue::misc_register(&DEV_FOPS.0)? };
         // INVARIANT: registered just above.
-        Ok(Self { fops })
+        Ok(Self(()))
     }
 }
 
 impl Drop for Device {
     fn drop(&mut self) {
         glue::misc_deregister();
-        // `self.fops` is freed after this; no new open can reach it, and
-        // open files pin the module, so none is left.
-        let _ = &self.fops;
     }
 }
 
-/// ioctl on `/dev/rkvm`: none is implemented yet.
-/// (The kernel's `unsigned long` and `long` are `usize` and `isize` here.)
-unsafe extern "C" fn rkvm_ioctl(_file: *mut bindings::file, _cmd: c_uint, _arg: usize) -> isize {
-    ENOTTY.to_errno() as isize
+/// KVM_CHECK_EXTENSION, on the system and VM fds: what rkvm implements, and
+/// 0 for everything else (api.rst 4.4). A capability appears here only once
+/// it works.
+pub(crate) fn check_extension(cap: usize) -> isize {
+    let Ok(cap) = u32::try_from(cap) else { return 0 };
+    match cap {
+        KVM_CAP_USER_MEMORY | KVM_CAP_SET_TSS_ADDR | KVM_CAP_SET_IDENTITY_MAP_ADDR => 1,
+        // Deleting a slot with memory_size 0 works.
+        KVM_CAP_DESTROY_MEMORY_REGION_WORKS => 1,
+        KVM_CAP_NR_MEMSLOTS => rkvm_core::memslot::MAX_SLOTS as isize,
+        KVM_CAP_NR_VCPUS | KVM_CAP_MAX_VCPUS => MAX_VCPUS as isize,
+        KVM_CAP_MAX_VCPU_ID => MAX_VCPUS as isize,
+        _ => 0,
+    }
 }
 
+fn create_vm(vm_type: usize) -> Result<isize> {
+    // Only the default VM type (KVM_X86_DEFAULT_VM) exists here.
+    if vm_type != 0 {
+        return Err(EINVAL);
+    }
+    let caps = current_caps().ok_or(ENODEV)?;
+    Ok(Vm::create(caps)? as isize)
+}
+
+fn system_ioctl(cmd: u32, arg: usize) -> Result<isize> {
+    match cmd {
+        KVM_GET_API_VERSION => Ok(KVM_API_VERSION as isize),
+        KVM_CHECK_EXTENSION => Ok(check_extension(arg)),
+        KVM_CREATE_VM => create_vm(arg),
+        KVM_GET_VCPU_MMAP_SIZE => Ok((MMAP_PAGES * PAGE_SIZE) as isize),
+        _ => Err(ENOTTY),
+    }
+}
+
+/// ioctl on `/dev/rkvm`. (The kernel's `unsigned long` and `long` are
+/// `usize` and `isize` here.)
+unsafe extern "C" fn rkvm_ioctl(_file: *mut bindings::file, cmd: c_uint, arg: usize) -> isize {
+    match system_ioctl(cmd, arg) {
+        Ok(value) => value,
+        Err(e) => e.to_errno() as isize,
+    }
+}

@@ -16,7 +16,9 @@
  * Context: every function here may be called with preemption or interrupts
  * disabled; none sleeps except rkvm_misc_register() and rkvm_misc_deregister().
  */
+#include <linux/anon_inodes.h>
 #include <linux/miscdevice.h>
+#include <linux/mm.h>
 #include <linux/fs.h>
 #include <linux/moduleparam.h>
 #include <linux/notifier.h>
@@ -38,6 +40,8 @@ void rkvm_cr4_clear_vmxe(void);
 int rkvm_vmxon(u64 phys);
 int rkvm_vmxoff(void);
 int rkvm_fail_vmxon_on_cpu(void);
+int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv);
+int rkvm_vma_insert_pages(struct vm_area_struct *vma, void *const *pages, unsigned long n);
 int rkvm_register_reboot(void (*leave_vmx)(void));
 void rkvm_unregister_reboot(void);
 
@@ -106,6 +110,40 @@ int rkvm_misc_register(const struct file_operations *fops)
 void rkvm_misc_deregister(void)
 {
 	misc_deregister(&rkvm_misc);
+}
+
+/*
+ * A new file descriptor (O_RDWR | O_CLOEXEC, as KVM's VM and vCPU fds) whose
+ * file has @fops and private_data @priv. Takes a reference on fops->owner
+ * for as long as the file lives.
+ */
+int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv)
+{
+	return anon_inode_getfd(name, fops, priv, O_RDWR | O_CLOEXEC);
+}
+
+/*
+ * mmap of an object made of @n kernel pages (directly mapped addresses in
+ * @pages): maps the ones the VMA covers, starting at page vma->vm_pgoff.
+ * Called from an mmap file operation (mmap lock held for writing).
+ * vm_insert_page() takes a reference on each page, so a page stays valid
+ * while mapped even if its owner frees it.
+ */
+int rkvm_vma_insert_pages(struct vm_area_struct *vma, void *const *pages, unsigned long n)
+{
+	unsigned long count = vma_pages(vma);
+	unsigned long i;
+	int r;
+
+	if (vma->vm_pgoff >= n || count > n - vma->vm_pgoff)
+		return -EINVAL;
+	for (i = 0; i < count; i++) {
+		r = vm_insert_page(vma, vma->vm_start + i * PAGE_SIZE,
+				   virt_to_page(pages[vma->vm_pgoff + i]));
+		if (r)
+			return r;
+	}
+	return 0;
 }
 
 u64 rkvm_virt_to_phys(const void *addr)

@@ -12,6 +12,16 @@ mod ffi {
         // of its member types (e.g. an empty `lockdep_map`) are not FFI-safe.
         pub(super) fn rkvm_misc_register(fops: *const core::ffi::c_void) -> i32;
         pub(super) fn rkvm_misc_deregister();
+        pub(super) fn rkvm_anon_inode_getfd(
+            name: *const u8,
+            fops: *const core::ffi::c_void,
+            private: *mut core::ffi::c_void,
+        ) -> i32;
+        pub(super) fn rkvm_vma_insert_pages(
+            vma: *mut core::ffi::c_void,
+            pages: *const *const core::ffi::c_void,
+            n: usize,
+        ) -> i32;
         pub(super) fn rkvm_virt_to_phys(addr: *const core::ffi::c_void) -> u64;
         pub(super) fn rkvm_this_cpu() -> u32;
         pub(super) fn rkvm_read_cr4() -> u64;
@@ -44,6 +54,42 @@ pub(crate) fn misc_deregister() {
     // SAFETY: only called after a successful `misc_register`, once (the
     // owning `dev::Device` calls it from `Drop`).
     unsafe { ffi::rkvm_misc_deregister() }
+}
+
+/// Installs a new file descriptor for an anonymous inode file with `fops`
+/// and `private` as its `private_data`; returns the descriptor.
+///
+/// # Safety
+/// `fops` must be valid for the module's lifetime (its owner is this
+/// module, which the file pins), and `fops.release` must take over
+/// `private` when the file closes. On error nothing took `private`.
+pub(crate) unsafe fn anon_inode_getfd(
+    name: &'static kernel::str::CStr,
+    fops: *const bindings::file_operations,
+    private: *mut core::ffi::c_void,
+) -> Result<i32> {
+    // SAFETY: the caller guarantees `fops` and the ownership of `private`.
+    let fd = unsafe { ffi::rkvm_anon_inode_getfd(name.as_char_ptr(), fops.cast(), private) };
+    if fd < 0 {
+        Err(kernel::error::Error::from_errno(fd))
+    } else {
+        Ok(fd)
+    }
+}
+
+/// Maps `pages` (page-aligned direct-map addresses of whole pages) into
+/// `vma`, from page `vma->vm_pgoff` on, as many as the VMA covers.
+///
+/// # Errors
+/// `EINVAL` if the VMA reaches past the last page; errors of `vm_insert_page`.
+///
+/// # Safety
+/// Called from an mmap file operation with `vma` as given by the kernel;
+/// each address in `pages` is a page from the page allocator that stays
+/// allocated until this returns (mapping takes its own reference).
+pub(crate) unsafe fn vma_insert_pages(vma: *mut bindings::vm_area_struct, pages: &[*const u8]) -> Result {
+    // SAFETY: the caller guarantees the VMA context and the pages.
+    to_result(unsafe { ffi::rkvm_vma_insert_pages(vma.cast(), pages.as_ptr().cast(), pages.len()) })
 }
 
 /// Physical address of a directly mapped kernel address (`__pa`).

@@ -48,6 +48,11 @@ impl Page {
         glue::virt_to_phys(self.virt.as_ptr().cast())
     }
 
+    /// The page's direct-map address, for mapping it into userspace.
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.virt.as_ptr()
+    }
+
     /// The page's contents.
     pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8; PAGE_SIZE] {
         // SAFETY: by the type invariant `virt` points to PAGE_SIZE bytes that

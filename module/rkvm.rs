@@ -18,8 +18,12 @@
 use kernel::prelude::*;
 
 mod dev;
+mod file;
 mod glue;
+mod kvm_abi;
 mod mm;
+mod vcpu;
+mod vm;
 mod vmx;
 
 module! {
@@ -38,11 +42,11 @@ struct Rkvm {
 }
 
 impl kernel::Module for Rkvm {
-    fn init(module: &'static ThisModule) -> Result<Self> {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
         let caps = vmx::probe()?;
         let vmx = vmx::VmxHost::enable(caps)?;
         pr_info!("VMX root operation on {} CPUs; {}\n", vmx.cpus_in_vmx(), vmx.caps());
-        let dev = dev::Device::register(module)?;
+        let dev = dev::Device::register()?;
         Ok(Rkvm { _dev: dev, _vmx: vmx })
     }
 }

@@ -166,6 +166,14 @@ impl VmxHost {
     }
 }
 
+/// The capabilities found at load. `None` only while loading or unloading;
+/// every open file pins the module, so file operations always see `Some`.
+pub(crate) fn current_caps() -> Option<VmxCaps> {
+    // SAFETY: SHARED is null or points to the live `Shared` (see `SHARED`);
+    // the module cannot unload while a file operation runs.
+    unsafe { SHARED.load(Ordering::Acquire).as_ref() }.map(|s| s.caps)
+}
+
 impl Drop for VmxHost {
     fn drop(&mut self) {
         // From here on, `cpu_offline` runs because of the unload: not logged.

@@ -62,6 +62,21 @@ pub const fn size(cmd: u32) -> usize {
     ((cmd >> SIZESHIFT) & ((1 << SIZEBITS) - 1)) as usize
 }
 
+/// Sizes of KVM ABI structs (x86_64), asserted against the bindgen structs
+/// in rkvm.ko and against kvm-bindings in the host tests.
+pub mod layout {
+    /// `struct kvm_regs`
+    pub const KVM_REGS: usize = 144;
+    /// `struct kvm_sregs`
+    pub const KVM_SREGS: usize = 312;
+    /// `struct kvm_segment`
+    pub const KVM_SEGMENT: usize = 24;
+    /// `struct kvm_userspace_memory_region`
+    pub const KVM_USERSPACE_MEMORY_REGION: usize = 32;
+    /// `struct kvm_run`
+    pub const KVM_RUN: usize = 2352;
+}
+
 /// Defines the KVM ioctl numbers rkvm implements, as `u32` constants named
 /// as in KVM, in the current module, computed from the structs of module
 /// `$kvm` (which must define `kvm_cpuid2`, `kvm_userspace_memory_region`,
@@ -180,6 +195,19 @@ mod tests {
         for (name, ours, theirs) in pairs {
             assert_eq!(u64::from(*ours), *theirs, "{name}");
         }
+    }
+
+    #[test]
+    fn layout_sizes_match_kvm_bindings() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<kvm_bindings::kvm_regs>(), layout::KVM_REGS);
+        assert_eq!(size_of::<kvm_bindings::kvm_sregs>(), layout::KVM_SREGS);
+        assert_eq!(size_of::<kvm_bindings::kvm_segment>(), layout::KVM_SEGMENT);
+        assert_eq!(
+            size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+            layout::KVM_USERSPACE_MEMORY_REGION
+        );
+        assert_eq!(size_of::<kvm_bindings::kvm_run>(), layout::KVM_RUN);
     }
 
     #[test]

@@ -15,7 +15,9 @@ extern crate std;
 
 pub mod abi;
 pub mod caps;
+pub mod cpu_state;
 pub mod fixed;
+pub mod memslot;
 pub mod msr;
 
 #[cfg(test)]

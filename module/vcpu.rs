@@ -1,0 +1,161 @@
+//! A vCPU: its architectural state and the `struct kvm_run` page shared with
+//! the VMM, reached through the file descriptor KVM_CREATE_VCPU returns
+//! (api.rst section 4, "vCPU ioctls").
+//!
+//! Context: ioctls run in the VMM's process context and may sleep; the
+//! vCPU's mutex serializes them, as KVM's `vcpu->mutex` does.
+
+use kernel::bindings;
+use kernel::c_str;
+use kernel::error::{
+    code::{EINVAL, ENOTTY},
+    Result,
+};
+use kernel::new_mutex;
+use kernel::prelude::*;
+use kernel::sync::{Arc, ArcBorrow, Mutex};
+use kernel::types::{AsBytes, FromBytes};
+use kernel::uaccess::UserSlice;
+
+use rkvm_core::cpu_state::ControlState;
+
+use crate::file::{self, FileObject, FileOps};
+use crate::glue;
+use crate::kvm_abi::*;
+use crate::mm::Page;
+use crate::vm::Vm;
+
+/// Pages a VMM maps from the vCPU fd (KVM_GET_VCPU_MMAP_SIZE): `struct
+/// kvm_run`, then the port-I/O data page at KVM_PIO_PAGE_OFFSET.
+pub(crate) const MMAP_PAGES: usize = 2;
+
+/// The guest's physical-address width (CPUID.80000008H:EAX[7:0]) until
+/// KVM_SET_CPUID2 says otherwise.
+const GUEST_PHYS_ADDR_BITS: u32 = 39;
+
+static VCPU_FOPS: FileOps = FileOps::new::<Vcpu>(&crate::THIS_MODULE);
+
+/// What the vCPU's mutex protects.
+struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+}
+
+/// A vCPU.
+#[pin_data]
+pub(crate) struct Vcpu {
+    /// Keeps the VM (its memory slots) alive while the vCPU exists.
+    _vm: Arc<Vm>,
+    /// `struct kvm_run`, shared with the VMM by mmap.
+    run_page: Page,
+    /// Port-I/O data, shared with the VMM by mmap.
+    pio_page: Page,
+    #[pin]
+    state: Mutex<VcpuState>,
+}
+
+/// A segment in the state KVM gives a vCPU at reset.
+fn reset_segment(selector: u16, base: u64, type_: u8, s: u8) -> kvm_segment {
+    kvm_segment { base, limit: 0xffff, selector, type_, present: 1, s, ..Default::default() }
+}
+
+/// The architectural state after RESET, as KVM sets it (SDM Vol. 3A, 10.1.1
+/// "Processor State After Reset"; `kvm_vcpu_reset` and `vmx_vcpu_reset`):
+/// real mode, CS:IP = F000:FFF0 with CS base FFFF0000, EDX = the processor
+/// signature (KVM uses 0x600 before KVM_SET_CPUID2), CR0 = CD|NW|ET.
+fn reset_state(id: u32) -> VcpuState {
+    const CODE_READ_ACCESSED: u8 = 0xb;
+    const DATA_WRITE_ACCESSED: u8 = 0x3;
+    const LDT: u8 = 0x2;
+    const TSS_BUSY: u8 = 0xb;
+    const APIC_BASE: u64 = 0xfee0_0000;
+    const APIC_BASE_ENABLE: u64 = 1 << 11;
+    const APIC_BASE_BSP: u64 = 1 << 8;
+
+    let data = reset_segment(0, 0, DATA_WRITE_ACCESSED, 1);
+    let table = kvm_dtable { base: 0, limit: 0xffff, ..Default::default() };
+    let sregs = kvm_sregs {
+        cs: reset_segment(0xf000, 0xffff_0000, CODE_READ_ACCESSED, 1),
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: reset_segment(0, 0, TSS_BUSY, 0),
+        ldt: reset_segment(0, 0, LDT, 0),
+        gdt: table,
+        idt: table,
+        cr0: 0x6000_0010,
+        apic_base: APIC_BASE | APIC_BASE_ENABLE | if id == 0 { APIC_BASE_BSP } else { 0 },
+        ..Default::default()
+    };
+    let regs = kvm_regs { rip: 0xfff0, rflags: 0x2, rdx: 0x600, ..Default::default() };
+    VcpuState { regs, sregs }
+}
+
+impl Vcpu {
+    /// KVM_CREATE_VCPU: a new vCPU in reset state, and its file descriptor.
+    pub(crate) fn create(vm: Arc<Vm>, id: u32) -> Result<i32> {
+        let run_page = Page::alloc_zeroed()?;
+        let pio_page = Page::alloc_zeroed()?;
+        let vcpu = Arc::pin_init(
+            pin_init!(Vcpu {
+                _vm: vm,
+                run_page,
+                pio_page,
+                state <- new_mutex!(reset_state(id), "rkvm_vcpu"),
+            }),
+            GFP_KERNEL,
+        )?;
+        file::install(&VCPU_FOPS, vcpu)
+    }
+
+    fn get<T: AsBytes>(arg: usize, value: &T) -> Result<isize> {
+        UserSlice::new(arg, core::mem::size_of::<T>()).writer().write(value)?;
+        Ok(0)
+    }
+
+    fn read<T: FromBytes>(arg: usize) -> Result<T> {
+        UserSlice::new(arg, core::mem::size_of::<T>()).reader().read()
+    }
+
+    fn set_sregs(&self, arg: usize) -> Result<isize> {
+        let sregs: kvm_sregs = Self::read(arg)?;
+        let control = ControlState {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+            cs_l: sregs.cs.l != 0,
+        };
+        control.validate(GUEST_PHYS_ADDR_BITS).map_err(|_| EINVAL)?;
+        self.state.lock().sregs = sregs;
+        Ok(0)
+    }
+}
+
+impl FileObject for Vcpu {
+    const NAME: &'static CStr = c_str!("kvm-vcpu");
+
+    fn ioctl(this: ArcBorrow<'_, Self>, cmd: u32, arg: usize) -> Result<isize> {
+        match cmd {
+            KVM_GET_REGS => Self::get(arg, &this.state.lock().regs),
+            KVM_SET_REGS => {
+                let regs: kvm_regs = Self::read(arg)?;
+                this.state.lock().regs = regs;
+                Ok(0)
+            }
+            KVM_GET_SREGS => Self::get(arg, &this.state.lock().sregs),
+            KVM_SET_SREGS => this.set_sregs(arg),
+            _ => Err(ENOTTY),
+        }
+    }
+
+    fn mmap(this: ArcBorrow<'_, Self>, vma: *mut bindings::vm_area_struct) -> Result {
+        let pages = [this.run_page.as_ptr(), this.pio_page.as_ptr()];
+        // SAFETY: called from the mmap file operation with the kernel's VMA;
+        // both pages belong to this vCPU, which the open file keeps alive
+        // for the duration of the call.
+        unsafe { glue::vma_insert_pages(vma, &pages) }
+    }
+}

@@ -1,0 +1,136 @@
+//! A VM: its memory slots and its vCPUs, reached through the VM file
+//! descriptor that KVM_CREATE_VM returns (api.rst section 4, "VM ioctls").
+//!
+//! Context: ioctls run in the VMM's process context and may sleep; the VM's
+//! mutex serializes slot changes and vCPU creation.
+
+use kernel::alloc::flags::GFP_KERNEL;
+use kernel::c_str;
+use kernel::error::{
+    code::{EEXIST, EINVAL, ENOTTY},
+    Result,
+};
+use kernel::new_mutex;
+use kernel::prelude::*;
+use kernel::sync::{Arc, ArcBorrow, Mutex};
+use kernel::uaccess::UserSlice;
+
+use rkvm_core::caps::VmxCaps;
+use rkvm_core::memslot::{self, SlotError, SlotTable};
+
+use crate::file::{self, FileObject, FileOps};
+use crate::kvm_abi::*;
+use crate::vcpu::Vcpu;
+
+/// How many vCPUs a VM may have (KVM_CAP_MAX_VCPUS).
+pub(crate) const MAX_VCPUS: u32 = 8;
+
+/// End of the user address space on x86_64 with 4-level paging
+/// (`TASK_SIZE_MAX`): a slot's VMM range must lie below it.
+const USER_SPACE_END: u64 = (1 << 47) - 4096;
+
+static VM_FOPS: FileOps = FileOps::new::<Vm>(&crate::THIS_MODULE);
+
+/// What the VM's mutex protects.
+struct VmState {
+    slots: SlotTable,
+    /// Bit N set: vCPU N exists.
+    vcpu_ids: u32,
+    /// KVM_SET_TSS_ADDR and KVM_SET_IDENTITY_MAP_ADDR: accepted and kept.
+    /// KVM needs these pages only without unrestricted guest; rkvm always
+    /// has it, so nothing uses them.
+    tss_addr: Option<u64>,
+    identity_map_addr: Option<u64>,
+}
+
+/// A VM.
+#[pin_data]
+pub(crate) struct Vm {
+    /// Capabilities of the CPUs, as found at load (for the VMCS, to come).
+    _caps: VmxCaps,
+    #[pin]
+    state: Mutex<VmState>,
+}
+
+impl Vm {
+    /// KVM_CREATE_VM: a new VM and its file descriptor.
+    pub(crate) fn create(caps: VmxCaps) -> Result<i32> {
+        let vm = Arc::pin_init(
+            pin_init!(Vm {
+                _caps: caps,
+                state <- new_mutex!(VmState {
+                    slots: SlotTable::default(),
+                    vcpu_ids: 0,
+                    tss_addr: None,
+                    identity_map_addr: None,
+                }, "rkvm_vm"),
+            }),
+            GFP_KERNEL,
+        )?;
+        file::install(&VM_FOPS, vm)
+    }
+
+    fn set_user_memory_region(&self, arg: usize) -> Result<isize> {
+        let region: kvm_userspace_memory_region =
+            UserSlice::new(arg, core::mem::size_of::<kvm_userspace_memory_region>()).reader().read()?;
+        let request = memslot::Request {
+            slot: region.slot,
+            flags: region.flags,
+            guest_phys_addr: region.guest_phys_addr,
+            memory_size: region.memory_size,
+            userspace_addr: region.userspace_addr,
+        };
+        let mut state = self.state.lock();
+        let change = state.slots.plan(&request, USER_SPACE_END).map_err(|e| match e {
+            SlotError::Invalid => EINVAL,
+            SlotError::Overlap => EEXIST,
+        })?;
+        state.slots.apply(change);
+        Ok(0)
+    }
+
+    fn create_vcpu(this: ArcBorrow<'_, Self>, id: usize) -> Result<isize> {
+        let id = u32::try_from(id).map_err(|_| EINVAL)?;
+        if id >= MAX_VCPUS {
+            return Err(EINVAL);
+        }
+        let mut state = this.state.lock();
+        if state.vcpu_ids & (1 << id) != 0 {
+            return Err(EEXIST);
+        }
+        let fd = Vcpu::create(this.into(), id)?;
+        state.vcpu_ids |= 1 << id;
+        Ok(fd as isize)
+    }
+
+    fn set_tss_addr(&self, addr: usize) -> Result<isize> {
+        self.state.lock().tss_addr = Some(addr as u64);
+        Ok(0)
+    }
+
+    fn set_identity_map_addr(&self, arg: usize) -> Result<isize> {
+        let addr: u64 = UserSlice::new(arg, core::mem::size_of::<u64>()).reader().read()?;
+        let mut state = self.state.lock();
+        // As KVM: too late once vCPUs exist.
+        if state.vcpu_ids != 0 {
+            return Err(EINVAL);
+        }
+        state.identity_map_addr = Some(addr);
+        Ok(0)
+    }
+}
+
+impl FileObject for Vm {
+    const NAME: &'static CStr = c_str!("kvm-vm");
+
+    fn ioctl(this: ArcBorrow<'_, Self>, cmd: u32, arg: usize) -> Result<isize> {
+        match cmd {
+            KVM_CHECK_EXTENSION => Ok(crate::dev::check_extension(arg)),
+            KVM_CREATE_VCPU => Vm::create_vcpu(this, arg),
+            KVM_SET_USER_MEMORY_REGION => this.set_user_memory_region(arg),
+            KVM_SET_TSS_ADDR => this.set_tss_addr(arg),
+            KVM_SET_IDENTITY_MAP_ADDR => this.set_identity_map_addr(arg),
+            _ => Err(ENOTTY),
+        }
+    }
+}
