@@ -16,9 +16,12 @@ extern crate std;
 pub mod abi;
 pub mod caps;
 pub mod cpu_state;
+pub mod ept;
+pub mod exit;
 pub mod fixed;
 pub mod memslot;
 pub mod msr;
+pub mod segment;
 
 #[cfg(test)]
 mod testdata;
