@@ -85,7 +85,9 @@ fn create_vm(vm_type: usize) -> Result<isize> {
         return Err(EINVAL);
     }
     let caps = current_caps().ok_or(ENODEV)?;
-    Ok(Vm::create(caps)? as isize)
+    // Checked at load: the CPU has every control rkvm needs.
+    let controls = rkvm_core::controls::Controls::compute(&caps).map_err(|_| ENODEV)?;
+    Ok(Vm::create(caps, controls)? as isize)
 }
 
 fn system_ioctl(cmd: u32, arg: usize) -> Result<isize> {

@@ -24,6 +24,18 @@
 #include <linux/notifier.h>
 #include <linux/reboot.h>
 #include <linux/smp.h>
+#include <linux/preempt.h>
+#include <linux/sched.h>
+#include <linux/sched/signal.h>
+#include <linux/irqflags.h>
+#include <linux/io.h>
+#include <asm/desc.h>
+#include <asm/special_insns.h>
+#include <asm/gsseg.h>
+#include <asm/fsgsbase.h>
+#include <asm/msr.h>
+#include <asm/segment.h>
+#include <asm/cpu_entry_area.h>
 #include <asm/tlbflush.h>
 #include <asm/asm.h>
 #include <asm/page.h>
@@ -43,6 +55,32 @@ int rkvm_fail_vmxon_on_cpu(void);
 int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv);
 int rkvm_vma_insert_pages(struct vm_area_struct *vma, void *const *pages, unsigned long n);
 int rkvm_register_reboot(void (*leave_vmx)(void));
+
+/* Host state for the VMCS host-state area (SDM Vol. 3C, 25.5), filled in by
+ * rkvm_read_host_state() on the CPU about to enter the guest. The layout is
+ * mirrored by `HostState` in module/glue.rs. */
+struct rkvm_host_state {
+	u64 cr0, cr3, cr4;
+	u64 fs_base, gs_base, tr_base, gdtr_base, idtr_base;
+	u64 sysenter_cs, sysenter_esp, sysenter_eip;
+	u64 efer, pat;
+	u16 cs_sel, ss_sel, tr_sel, fs_sel, gs_sel;
+	/* What the exit clobbers and rkvm_restore_host_segments() reloads. */
+	u16 ds_sel, es_sel, ldt_sel, real_fs_sel, real_gs_sel;
+};
+void rkvm_read_host_state(struct rkvm_host_state *h);
+void rkvm_restore_host_segments(const struct rkvm_host_state *h);
+void rkvm_preempt_disable(void);
+void rkvm_preempt_enable(void);
+void rkvm_local_irq_disable(void);
+void rkvm_local_irq_enable(void);
+bool rkvm_need_resched(void);
+bool rkvm_signal_pending(void);
+void rkvm_cond_resched(void);
+u64 rkvm_page_to_phys(struct page *page);
+void *rkvm_phys_to_virt(u64 phys);
+unsigned long rkvm_task_size_max(void);
+void rkvm_on_each_cpu(void (*fn)(void *), void *info);
 void rkvm_unregister_reboot(void);
 
 /*
@@ -92,6 +130,124 @@ int rkvm_register_reboot(void (*leave_vmx)(void))
 void rkvm_unregister_reboot(void)
 {
 	unregister_reboot_notifier(&rkvm_reboot_nb);
+}
+
+/*
+ * Host state as KVM's vmx_set_constant_host_state(), vmx_vcpu_load_vmcs()
+ * and vmx_prepare_switch_to_guest() compute it. Called with preemption
+ * disabled: the TSS, GDT and GS base are this CPU's.
+ */
+void rkvm_read_host_state(struct rkvm_host_state *h)
+{
+	int cpu = raw_smp_processor_id();
+	struct desc_ptr idt;
+
+	h->cr0 = read_cr0();
+	h->cr3 = __read_cr3();
+	h->cr4 = cr4_read_shadow();
+	h->cs_sel = __KERNEL_CS;
+	h->ss_sel = __KERNEL_DS;
+	h->tr_sel = GDT_ENTRY_TSS * 8;
+	h->tr_base = (unsigned long)&get_cpu_entry_area(cpu)->tss.x86_tss;
+	h->gdtr_base = (unsigned long)get_current_gdt_ro();
+	store_idt(&idt);
+	h->idtr_base = idt.address;
+	rdmsrl(MSR_IA32_SYSENTER_CS, h->sysenter_cs);
+	rdmsrl(MSR_IA32_SYSENTER_ESP, h->sysenter_esp);
+	rdmsrl(MSR_IA32_SYSENTER_EIP, h->sysenter_eip);
+	rdmsrl(MSR_EFER, h->efer);
+	rdmsrl(MSR_IA32_CR_PAT, h->pat);
+
+	savesegment(ds, h->ds_sel);
+	savesegment(es, h->es_sel);
+	asm volatile("sldt %0" : "=g"(h->ldt_sel));
+	current_save_fsgs();
+	h->real_fs_sel = current->thread.fsindex;
+	h->real_gs_sel = current->thread.gsindex;
+	h->fs_base = current->thread.fsbase;
+	h->gs_base = cpu_kernelmode_gs_base(cpu);
+	/* The VMCS host selectors must have RPL 0 and TI 0 (SDM 27.2.3). */
+	h->fs_sel = (h->real_fs_sel & 7) ? 0 : h->real_fs_sel;
+	h->gs_sel = (h->real_gs_sel & 7) ? 0 : h->real_gs_sel;
+}
+
+/*
+ * After the last VM exit of a KVM_RUN: reload what the exit left different
+ * from the task's state (as KVM's vmx_prepare_switch_to_host()): the exit
+ * loaded null DS/ES and LDTR, selectors with RPL 0, a GDT limit of 0xffff
+ * and a TSS limit of 0x67 (which would cut off the I/O bitmap of tasks that
+ * use ioperm).
+ */
+void rkvm_restore_host_segments(const struct rkvm_host_state *h)
+{
+	if (h->ldt_sel || (h->real_gs_sel & 7)) {
+		asm volatile("lldt %0" : : "rm"(h->ldt_sel));
+		load_gs_index(h->real_gs_sel);
+	}
+	if (h->real_fs_sel & 7)
+		loadsegment(fs, h->real_fs_sel);
+	if (h->ds_sel | h->es_sel) {
+		loadsegment(ds, h->ds_sel);
+		loadsegment(es, h->es_sel);
+	}
+	invalidate_tss_limit();
+	load_fixmap_gdt(raw_smp_processor_id());
+}
+
+void rkvm_preempt_disable(void)
+{
+	preempt_disable();
+}
+
+void rkvm_preempt_enable(void)
+{
+	preempt_enable();
+}
+
+void rkvm_local_irq_disable(void)
+{
+	local_irq_disable();
+}
+
+void rkvm_local_irq_enable(void)
+{
+	local_irq_enable();
+}
+
+bool rkvm_need_resched(void)
+{
+	return need_resched();
+}
+
+bool rkvm_signal_pending(void)
+{
+	return signal_pending(current);
+}
+
+void rkvm_cond_resched(void)
+{
+	cond_resched();
+}
+
+u64 rkvm_page_to_phys(struct page *page)
+{
+	return page_to_phys(page);
+}
+
+void *rkvm_phys_to_virt(u64 phys)
+{
+	return phys_to_virt(phys);
+}
+
+unsigned long rkvm_task_size_max(void)
+{
+	return TASK_SIZE_MAX;
+}
+
+/* Runs @fn(@info) on every online CPU, this one included, and waits. */
+void rkvm_on_each_cpu(void (*fn)(void *), void *info)
+{
+	on_each_cpu(fn, info, 1);
 }
 
 /* The /dev/rkvm device: root only (0600), like /dev/kvm's default. */

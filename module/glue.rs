@@ -32,6 +32,22 @@ mod ffi {
         pub(super) fn rkvm_fail_vmxon_on_cpu() -> i32;
         pub(super) fn rkvm_register_reboot(leave_vmx: unsafe extern "C" fn()) -> i32;
         pub(super) fn rkvm_unregister_reboot();
+        pub(super) fn rkvm_read_host_state(h: *mut super::HostState);
+        pub(super) fn rkvm_restore_host_segments(h: *const super::HostState);
+        pub(super) fn rkvm_preempt_disable();
+        pub(super) fn rkvm_preempt_enable();
+        pub(super) fn rkvm_local_irq_disable();
+        pub(super) fn rkvm_local_irq_enable();
+        pub(super) fn rkvm_need_resched() -> bool;
+        pub(super) fn rkvm_signal_pending() -> bool;
+        pub(super) fn rkvm_cond_resched();
+        pub(super) fn rkvm_page_to_phys(page: *mut core::ffi::c_void) -> u64;
+        pub(super) fn rkvm_phys_to_virt(phys: u64) -> *mut core::ffi::c_void;
+        pub(super) fn rkvm_task_size_max() -> usize;
+        pub(super) fn rkvm_on_each_cpu(
+            f: unsafe extern "C" fn(*mut core::ffi::c_void),
+            info: *mut core::ffi::c_void,
+        );
         // arch/x86/kernel/reboot.c, EXPORT_SYMBOL_GPL.
         pub(super) fn cpu_emergency_register_virt_callback(cb: unsafe extern "C" fn());
         pub(super) fn cpu_emergency_unregister_virt_callback(cb: unsafe extern "C" fn());
@@ -188,6 +204,131 @@ pub(crate) unsafe fn register_reboot(leave_vmx: unsafe extern "C" fn()) -> Resul
 pub(crate) fn unregister_reboot() {
     // SAFETY: only called after a successful `register_reboot`.
     unsafe { ffi::rkvm_unregister_reboot() }
+}
+
+/// The host state a VMCS needs, read on the CPU about to enter a guest
+/// (layout: `struct rkvm_host_state` in glue.c).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+#[allow(missing_docs)]
+pub(crate) struct HostState {
+    pub(crate) cr0: u64,
+    pub(crate) cr3: u64,
+    pub(crate) cr4: u64,
+    pub(crate) fs_base: u64,
+    pub(crate) gs_base: u64,
+    pub(crate) tr_base: u64,
+    pub(crate) gdtr_base: u64,
+    pub(crate) idtr_base: u64,
+    pub(crate) sysenter_cs: u64,
+    pub(crate) sysenter_esp: u64,
+    pub(crate) sysenter_eip: u64,
+    pub(crate) efer: u64,
+    pub(crate) pat: u64,
+    pub(crate) cs_sel: u16,
+    pub(crate) ss_sel: u16,
+    pub(crate) tr_sel: u16,
+    pub(crate) fs_sel: u16,
+    pub(crate) gs_sel: u16,
+    ds_sel: u16,
+    es_sel: u16,
+    ldt_sel: u16,
+    real_fs_sel: u16,
+    real_gs_sel: u16,
+}
+
+/// Preemption is disabled for as long as this value lives: code holding a
+/// `&PreemptDisabled` runs on one CPU. Not `Send`.
+pub(crate) struct PreemptDisabled(core::marker::PhantomData<*mut ()>);
+
+impl PreemptDisabled {
+    /// Disables preemption.
+    pub(crate) fn new() -> Self {
+        // SAFETY: balanced by `Drop`.
+        unsafe { ffi::rkvm_preempt_disable() };
+        Self(core::marker::PhantomData)
+    }
+
+    /// Reads this CPU's host state (see [`HostState`]).
+    pub(crate) fn host_state(&self) -> HostState {
+        let mut h = HostState::default();
+        // SAFETY: fills `h`; preemption is disabled, so every per-CPU value
+        // is this CPU's and stays so while `self` lives.
+        unsafe { ffi::rkvm_read_host_state(&mut h) };
+        h
+    }
+
+    /// Reloads what VM exits changed in the host's segment and descriptor
+    /// table state, from `h` as read by [`Self::host_state`] on this CPU.
+    pub(crate) fn restore_host_segments(&self, h: &HostState) {
+        // SAFETY: `h` was read on this CPU in this preemption-disabled span.
+        unsafe { ffi::rkvm_restore_host_segments(h) };
+    }
+
+    /// Whether the scheduler wants this CPU back.
+    pub(crate) fn need_resched(&self) -> bool {
+        // SAFETY: reads a thread flag.
+        unsafe { ffi::rkvm_need_resched() }
+    }
+}
+
+impl Drop for PreemptDisabled {
+    fn drop(&mut self) {
+        // SAFETY: balances `new`.
+        unsafe { ffi::rkvm_preempt_enable() };
+    }
+}
+
+/// Disables interrupts on this CPU (they were enabled).
+pub(crate) fn local_irq_disable() {
+    // SAFETY: callers re-enable with `local_irq_enable` before sleeping.
+    unsafe { ffi::rkvm_local_irq_disable() }
+}
+
+/// Enables interrupts on this CPU: pending host interrupts are taken now.
+pub(crate) fn local_irq_enable() {
+    // SAFETY: called in process context where interrupts may be on.
+    unsafe { ffi::rkvm_local_irq_enable() }
+}
+
+/// Whether a signal is pending for the current task.
+pub(crate) fn signal_pending() -> bool {
+    // SAFETY: reads the current task's flags.
+    unsafe { ffi::rkvm_signal_pending() }
+}
+
+/// Lets the scheduler run something else (may sleep).
+pub(crate) fn cond_resched() {
+    // SAFETY: process context, no locks held that forbid sleeping.
+    unsafe { ffi::rkvm_cond_resched() }
+}
+
+/// Physical address of a `struct page`.
+pub(crate) fn page_to_phys(page: *mut bindings::page) -> u64 {
+    // SAFETY: arithmetic on the page's position in the memory map; callers
+    // pass pages they hold a pin on.
+    unsafe { ffi::rkvm_page_to_phys(page.cast()) }
+}
+
+/// Direct-map address of physical address `phys` (RAM only).
+pub(crate) fn phys_to_virt(phys: u64) -> *mut u8 {
+    // SAFETY: arithmetic; dereferencing the result is the caller's concern.
+    unsafe { ffi::rkvm_phys_to_virt(phys).cast() }
+}
+
+/// End of the user address space (`TASK_SIZE_MAX`).
+pub(crate) fn task_size_max() -> u64 {
+    // SAFETY: reads a constant (or the boot-time paging mode).
+    unsafe { ffi::rkvm_task_size_max() as u64 }
+}
+
+/// Runs `f(info)` on every online CPU, this one included, and waits for all.
+///
+/// # Safety
+/// `f` must be safe to run in IPI context with `info`.
+pub(crate) unsafe fn on_each_cpu(f: unsafe extern "C" fn(*mut core::ffi::c_void), info: *mut core::ffi::c_void) {
+    // SAFETY: the caller's guarantee.
+    unsafe { ffi::rkvm_on_each_cpu(f, info) }
 }
 
 /// Installs `cb` as the kernel's emergency virtualization callback: it runs

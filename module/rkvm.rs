@@ -18,10 +18,13 @@
 use kernel::prelude::*;
 
 mod dev;
+mod exit;
 mod file;
 mod glue;
 mod kvm_abi;
+mod memory;
 mod mm;
+mod run;
 mod vcpu;
 mod vm;
 mod vmx;
@@ -44,6 +47,14 @@ struct Rkvm {
 impl kernel::Module for Rkvm {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         let caps = vmx::probe()?;
+        if let Err(missing) = rkvm_core::controls::Controls::compute(&caps) {
+            pr_err!(
+                "this CPU lacks VMX controls rkvm needs: {} controls {:#x} (EPT and unrestricted guest are required)\n",
+                missing.field,
+                missing.bits
+            );
+            return Err(ENODEV);
+        }
         let vmx = vmx::VmxHost::enable(caps)?;
         pr_info!("VMX root operation on {} CPUs; {}\n", vmx.cpus_in_vmx(), vmx.caps());
         let dev = dev::Device::register()?;

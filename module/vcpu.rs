@@ -1,6 +1,7 @@
 //! A vCPU: its architectural state and the `struct kvm_run` page shared with
 //! the VMM, reached through the file descriptor KVM_CREATE_VCPU returns
-//! (api.rst section 4, "vCPU ioctls").
+//! (api.rst section 4, "vCPU ioctls"). KVM_RUN is in `run.rs`, the exit
+//! handlers in `exit/`.
 //!
 //! Context: ioctls run in the VMM's process context and may sleep; the
 //! vCPU's mutex serializes them, as KVM's `vcpu->mutex` does.
@@ -24,6 +25,8 @@ use crate::glue;
 use crate::kvm_abi::*;
 use crate::mm::Page;
 use crate::vm::Vm;
+use crate::vmx::entry::GuestRegs;
+use crate::vmx::vmcs::Vmcs;
 
 /// Pages a VMM maps from the vCPU fd (KVM_GET_VCPU_MMAP_SIZE): `struct
 /// kvm_run`, then the port-I/O data page at KVM_PIO_PAGE_OFFSET.
@@ -31,27 +34,47 @@ pub(crate) const MMAP_PAGES: usize = 2;
 
 /// The guest's physical-address width (CPUID.80000008H:EAX[7:0]) until
 /// KVM_SET_CPUID2 says otherwise.
-const GUEST_PHYS_ADDR_BITS: u32 = 39;
+pub(crate) const GUEST_PHYS_ADDR_BITS: u32 = 39;
 
 static VCPU_FOPS: FileOps = FileOps::new::<Vcpu>(&crate::THIS_MODULE);
 
+/// An IN whose data the VMM supplies in the PIO page before the next
+/// KVM_RUN.
+#[derive(Clone, Copy)]
+pub(crate) struct PendingIn {
+    /// 1, 2 or 4 bytes.
+    pub(crate) size: u8,
+}
+
 /// What the vCPU's mutex protects.
-struct VcpuState {
-    regs: kvm_regs,
-    sregs: kvm_sregs,
+pub(crate) struct VcpuState {
+    /// General-purpose registers, RIP and RFLAGS (authoritative between
+    /// runs).
+    pub(crate) regs: kvm_regs,
+    /// Segment, descriptor-table and control registers (authoritative
+    /// between runs).
+    pub(crate) sregs: kvm_sregs,
+    /// `regs`/`sregs` changed since the VMCS last saw them.
+    pub(crate) dirty: bool,
+    /// The registers the entry routine switches.
+    pub(crate) gprs: GuestRegs,
+    pub(crate) vmcs: Vmcs,
+    pub(crate) pending_in: Option<PendingIn>,
+    /// The guest's CR8 (TPR), virtualized: MOV CR8 exits.
+    pub(crate) cr8: u64,
 }
 
 /// A vCPU.
 #[pin_data]
 pub(crate) struct Vcpu {
-    /// Keeps the VM (its memory slots) alive while the vCPU exists.
-    _vm: Arc<Vm>,
+    /// The VM: its memory and controls; kept alive while the vCPU exists.
+    pub(crate) vm: Arc<Vm>,
     /// `struct kvm_run`, shared with the VMM by mmap.
-    run_page: Page,
+    pub(crate) run_page: Page,
     /// Port-I/O data, shared with the VMM by mmap.
-    pio_page: Page,
+    pub(crate) pio_page: Page,
     #[pin]
-    state: Mutex<VcpuState>,
+    pub(crate) state: Mutex<VcpuState>,
 }
 
 /// A segment in the state KVM gives a vCPU at reset.
@@ -63,7 +86,7 @@ fn reset_segment(selector: u16, base: u64, type_: u8, s: u8) -> kvm_segment {
 /// "Processor State After Reset"; `kvm_vcpu_reset` and `vmx_vcpu_reset`):
 /// real mode, CS:IP = F000:FFF0 with CS base FFFF0000, EDX = the processor
 /// signature (KVM uses 0x600 before KVM_SET_CPUID2), CR0 = CD|NW|ET.
-fn reset_state(id: u32) -> VcpuState {
+fn reset_registers(id: u32) -> (kvm_regs, kvm_sregs) {
     const CODE_READ_ACCESSED: u8 = 0xb;
     const DATA_WRITE_ACCESSED: u8 = 0x3;
     const LDT: u8 = 0x2;
@@ -90,7 +113,7 @@ fn reset_state(id: u32) -> VcpuState {
         ..Default::default()
     };
     let regs = kvm_regs { rip: 0xfff0, rflags: 0x2, rdx: 0x600, ..Default::default() };
-    VcpuState { regs, sregs }
+    (regs, sregs)
 }
 
 impl Vcpu {
@@ -98,13 +121,19 @@ impl Vcpu {
     pub(crate) fn create(vm: Arc<Vm>, id: u32) -> Result<i32> {
         let run_page = Page::alloc_zeroed()?;
         let pio_page = Page::alloc_zeroed()?;
+        let vmcs = Vmcs::new(vm.caps().basic.revision_id())?;
+        let (regs, sregs) = reset_registers(id);
+        let state = VcpuState {
+            regs,
+            sregs,
+            dirty: true,
+            gprs: GuestRegs::default(),
+            vmcs,
+            pending_in: None,
+            cr8: 0,
+        };
         let vcpu = Arc::pin_init(
-            pin_init!(Vcpu {
-                _vm: vm,
-                run_page,
-                pio_page,
-                state <- new_mutex!(reset_state(id), "rkvm_vcpu"),
-            }),
+            pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),
             GFP_KERNEL,
         )?;
         file::install(&VCPU_FOPS, vcpu)
@@ -129,7 +158,9 @@ impl Vcpu {
             cs_l: sregs.cs.l != 0,
         };
         control.validate(GUEST_PHYS_ADDR_BITS).map_err(|_| EINVAL)?;
-        self.state.lock().sregs = sregs;
+        let mut state = self.state.lock();
+        state.sregs = sregs;
+        state.dirty = true;
         Ok(0)
     }
 }
@@ -139,10 +170,14 @@ impl FileObject for Vcpu {
 
     fn ioctl(this: ArcBorrow<'_, Self>, cmd: u32, arg: usize) -> Result<isize> {
         match cmd {
+            KVM_RUN if arg == 0 => this.run(),
+            KVM_RUN => Err(EINVAL),
             KVM_GET_REGS => Self::get(arg, &this.state.lock().regs),
             KVM_SET_REGS => {
                 let regs: kvm_regs = Self::read(arg)?;
-                this.state.lock().regs = regs;
+                let mut state = this.state.lock();
+                state.regs = regs;
+                state.dirty = true;
                 Ok(0)
             }
             KVM_GET_SREGS => Self::get(arg, &this.state.lock().sregs),

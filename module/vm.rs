@@ -16,24 +16,24 @@ use kernel::sync::{Arc, ArcBorrow, Mutex};
 use kernel::uaccess::UserSlice;
 
 use rkvm_core::caps::VmxCaps;
-use rkvm_core::memslot::{self, SlotError, SlotTable};
+use rkvm_core::controls::Controls;
+use rkvm_core::memslot::{self, Change, SlotError, SlotTable};
 
 use crate::file::{self, FileObject, FileOps};
+use crate::glue;
 use crate::kvm_abi::*;
+use crate::memory::GuestMemory;
 use crate::vcpu::Vcpu;
 
 /// How many vCPUs a VM may have (KVM_CAP_MAX_VCPUS).
 pub(crate) const MAX_VCPUS: u32 = 8;
-
-/// End of the user address space on x86_64 with 4-level paging
-/// (`TASK_SIZE_MAX`): a slot's VMM range must lie below it.
-const USER_SPACE_END: u64 = (1 << 47) - 4096;
 
 static VM_FOPS: FileOps = FileOps::new::<Vm>(&crate::THIS_MODULE);
 
 /// What the VM's mutex protects.
 struct VmState {
     slots: SlotTable,
+    memory: GuestMemory,
     /// Bit N set: vCPU N exists.
     vcpu_ids: u32,
     /// KVM_SET_TSS_ADDR and KVM_SET_IDENTITY_MAP_ADDR: accepted and kept.
@@ -46,20 +46,31 @@ struct VmState {
 /// A VM.
 #[pin_data]
 pub(crate) struct Vm {
-    /// Capabilities of the CPUs, as found at load (for the VMCS, to come).
-    _caps: VmxCaps,
+    /// Capabilities of the CPUs, as found at load.
+    caps: VmxCaps,
+    /// The VMCS controls every vCPU runs with.
+    controls: Controls,
+    /// The EPT pointer: the root table is fixed for the VM's life, so it is
+    /// read without the lock (from the run loop, where sleeping is not
+    /// allowed).
+    eptp: u64,
     #[pin]
     state: Mutex<VmState>,
 }
 
 impl Vm {
     /// KVM_CREATE_VM: a new VM and its file descriptor.
-    pub(crate) fn create(caps: VmxCaps) -> Result<i32> {
+    pub(crate) fn create(caps: VmxCaps, controls: Controls) -> Result<i32> {
+        let memory = GuestMemory::new()?;
+        let eptp = memory.eptp();
         let vm = Arc::pin_init(
             pin_init!(Vm {
-                _caps: caps,
+                caps,
+                controls,
+                eptp,
                 state <- new_mutex!(VmState {
                     slots: SlotTable::default(),
+                    memory,
                     vcpu_ids: 0,
                     tss_addr: None,
                     identity_map_addr: None,
@@ -81,10 +92,27 @@ impl Vm {
             userspace_addr: region.userspace_addr,
         };
         let mut state = self.state.lock();
-        let change = state.slots.plan(&request, USER_SPACE_END).map_err(|e| match e {
+        let change = state.slots.plan(&request, glue::task_size_max()).map_err(|e| match e {
             SlotError::Invalid => EINVAL,
             SlotError::Overlap => EEXIST,
         })?;
+        match change {
+            Change::Create(slot) => state.memory.add(&slot)?,
+            Change::Delete(id) => {
+                let slot = state.slots.iter().find(|s| s.id == id).copied();
+                if let Some(slot) = slot {
+                    state.memory.remove(&slot);
+                }
+            }
+            Change::Move { old, new } => {
+                if let Err(e) = state.memory.relocate(&old, &new) {
+                    // The slot is gone: say so in the table too.
+                    state.slots.apply(Change::Delete(old.id));
+                    return Err(e);
+                }
+            }
+            Change::Nothing => {}
+        }
         state.slots.apply(change);
         Ok(0)
     }
@@ -101,6 +129,21 @@ impl Vm {
         let fd = Vcpu::create(this.into(), id)?;
         state.vcpu_ids |= 1 << id;
         Ok(fd as isize)
+    }
+
+    /// The capabilities of the CPUs this VM runs on.
+    pub(crate) fn caps(&self) -> &VmxCaps {
+        &self.caps
+    }
+
+    /// The VMCS controls.
+    pub(crate) fn controls(&self) -> &Controls {
+        &self.controls
+    }
+
+    /// The EPT pointer of this VM's memory.
+    pub(crate) fn eptp(&self) -> u64 {
+        self.eptp
     }
 
     fn set_tss_addr(&self, addr: usize) -> Result<isize> {

@@ -166,6 +166,30 @@ impl VmxHost {
     }
 }
 
+/// Drops every CPU's cached translations derived from the EPT `eptp`
+/// (INVEPT single-context on each online CPU in VMX operation, by IPI,
+/// waiting for all). Called after EPT entries are removed and before the
+/// memory they mapped is released.
+pub(crate) fn invept_everywhere(eptp: u64) {
+    unsafe extern "C" fn flush(info: *mut core::ffi::c_void) {
+        // SAFETY: SHARED is valid while the module is loaded (see `SHARED`);
+        // a VM exists, so the module is.
+        let Some(shared) = (unsafe { SHARED.load(Ordering::Acquire).as_ref() }) else { return };
+        let cpu = glue::this_cpu() as usize;
+        // A CPU that is online but not yet (or no more) in VMX operation
+        // has nothing cached, and INVEPT would fault there.
+        if shared.cpus.get(cpu).is_some_and(|c| c.in_vmx.load(Ordering::Acquire)) {
+            // SAFETY: this CPU is in VMX root operation (checked just above,
+            // in an IPI, so it cannot leave it meanwhile).
+            if let Err(e) = unsafe { super::insn::invept_single_context(info as u64) } {
+                pr_err!("CPU {cpu}: INVEPT failed: {e:?}\n");
+            }
+        }
+    }
+    // SAFETY: `flush` only reads per-CPU state and runs INVEPT.
+    unsafe { glue::on_each_cpu(flush, eptp as *mut core::ffi::c_void) };
+}
+
 /// The capabilities found at load. `None` only while loading or unloading;
 /// every open file pins the module, so file operations always see `Some`.
 pub(crate) fn current_caps() -> Option<VmxCaps> {

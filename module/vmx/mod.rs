@@ -1,8 +1,12 @@
 //! VMX: finding out what the CPU offers ([`probe`]) and holding every CPU in
 //! VMX root operation while rkvm is loaded ([`host`]).
 
+pub(crate) mod entry;
+pub(crate) mod guest_state;
 pub(crate) mod host;
+pub(crate) mod insn;
 pub(crate) mod probe;
+pub(crate) mod vmcs;
 
 pub(crate) use host::VmxHost;
 pub(crate) use probe::probe;

@@ -15,6 +15,7 @@ extern crate std;
 
 pub mod abi;
 pub mod caps;
+pub mod controls;
 pub mod cpu_state;
 pub mod ept;
 pub mod exit;

@@ -1,0 +1,67 @@
+//! Port I/O exits (SDM Vol. 3C, 28.2.1, Table 28-5) become KVM_EXIT_IO: the
+//! data goes through the PIO page at `data_offset` (api.rst, "KVM_EXIT_IO").
+//! An OUT is complete when the VMM has seen it; an IN completes at the next
+//! KVM_RUN, when the VMM's data is moved into AL/AX/EAX.
+
+use kernel::error::Result;
+use x86::vmx::vmcs::ro;
+
+use rkvm_core::exit::IoQualification;
+
+use super::{ExitAction, ExitContext};
+use crate::kvm_abi::*;
+use crate::mm::PAGE_SIZE;
+use crate::vcpu::{PendingIn, Vcpu, VcpuState};
+
+/// Handles an I/O instruction exit.
+pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
+    let q = ctx.vmcs.read(ro::EXIT_QUALIFICATION);
+    let Some(io) = IoQualification::decode(q) else {
+        return ctx.inject_ud();
+    };
+    if io.string {
+        // INS/OUTS need guest memory access through the guest's page tables:
+        // not yet. Reported, never guessed.
+        return super::unexpected(ctx, rkvm_core::exit::ExitReason(rkvm_core::exit::reason::IO_INSTRUCTION.into()));
+    }
+    let size = usize::from(io.size);
+    let pio = ctx.vcpu.pio_page.as_ptr().cast_mut();
+    if io.is_in {
+        *ctx.pending_in = Some(PendingIn { size: io.size });
+    } else {
+        let value = ctx.gprs.0[0].to_le_bytes();
+        // SAFETY: the PIO page is ours (4 KiB); `size` is at most 4.
+        unsafe { core::ptr::copy_nonoverlapping(value.as_ptr(), pio, size) };
+    }
+    let run = ctx.run();
+    // SAFETY: our run page; `io` is the union member for KVM_EXIT_IO.
+    unsafe {
+        (*run).exit_reason = KVM_EXIT_IO;
+        let r = &mut (*run).__bindgen_anon_1.io;
+        r.direction = if io.is_in { KVM_EXIT_IO_IN } else { KVM_EXIT_IO_OUT } as u8;
+        r.size = io.size;
+        r.port = io.port;
+        r.count = 1;
+        r.data_offset = PAGE_SIZE as u64;
+    }
+    ctx.skip_instruction()?;
+    Ok(ExitAction::ToUser)
+}
+
+/// Moves the VMM's data for the last IN into the guest's accumulator: AL and
+/// AX merge into RAX, EAX zero-extends (as KVM's complete_fast_pio_in).
+pub(crate) fn complete_pending_in(vcpu: &Vcpu, state: &mut VcpuState) {
+    let Some(PendingIn { size }) = state.pending_in.take() else { return };
+    let mut bytes = [0u8; 8];
+    // SAFETY: the PIO page is ours; the VMM may be writing it concurrently,
+    // which only changes the value the guest reads.
+    unsafe { core::ptr::copy_nonoverlapping(vcpu.pio_page.as_ptr(), bytes.as_mut_ptr(), usize::from(size)) };
+    let data = u64::from_le_bytes(bytes);
+    let rax = state.regs.rax;
+    state.regs.rax = match size {
+        1 => (rax & !0xff) | data,
+        2 => (rax & !0xffff) | data,
+        _ => data,
+    };
+    state.dirty = true;
+}

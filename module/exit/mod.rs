@@ -1,0 +1,151 @@
+//! VM-exit dispatch: one handler per exit reason, grouped by family in the
+//! files beside this one. A handler either finishes the exit in the kernel
+//! (the guest resumes) or fills `struct kvm_run` for the VMM. An exit rkvm
+//! does not handle becomes KVM_EXIT_INTERNAL_ERROR carrying the exit reason,
+//! as KVM reports unexpected exits: the host never panics on a guest.
+//!
+//! Context: preemption disabled, interrupts enabled, the VMCS loaded.
+
+pub(crate) mod cr;
+pub(crate) mod io;
+pub(crate) mod msr;
+
+use kernel::error::Result;
+use x86::vmx::vmcs::{control, guest, ro};
+
+use rkvm_core::exit::{reason, ExitReason, InterruptionInfo};
+
+use crate::glue;
+use crate::kvm_abi::*;
+use crate::run::run_struct;
+use crate::vcpu::{PendingIn, Vcpu};
+use crate::vmx::entry::GuestRegs;
+use crate::vmx::vmcs::LoadedVmcs;
+
+/// What happens after an exit.
+pub(crate) enum ExitAction {
+    /// Enter the guest again.
+    Resume,
+    /// Return from KVM_RUN; `kvm_run` says why.
+    ToUser,
+}
+
+/// Everything a handler may need.
+pub(crate) struct ExitContext<'a, 'v> {
+    pub(crate) vcpu: &'a Vcpu,
+    pub(crate) vmcs: &'a mut LoadedVmcs<'v>,
+    pub(crate) gprs: &'a mut GuestRegs,
+    /// Set by an IN exit: completed at the next KVM_RUN.
+    pub(crate) pending_in: &'a mut Option<PendingIn>,
+    /// The guest's CR8.
+    pub(crate) cr8: &'a mut u64,
+}
+
+impl ExitContext<'_, '_> {
+    /// The shared `struct kvm_run`.
+    pub(crate) fn run(&self) -> *mut kvm_run {
+        run_struct(self.vcpu)
+    }
+
+    /// Moves RIP past the instruction that exited (its length is in the
+    /// VMCS: SDM 28.2.5) and drops blocking by STI or MOV SS, as the
+    /// instruction completed (KVM's skip_emulated_instruction).
+    pub(crate) fn skip_instruction(&mut self) -> Result {
+        let len = self.vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
+        let rip = self.vmcs.read(guest::RIP);
+        self.vmcs.write(guest::RIP, rip.wrapping_add(len))?;
+        let blocking = self.vmcs.read(guest::INTERRUPTIBILITY_STATE);
+        if blocking & 3 != 0 {
+            self.vmcs.write(guest::INTERRUPTIBILITY_STATE, blocking & !3)?;
+        }
+        Ok(())
+    }
+
+    /// Injects hardware exception `vector` at the next entry (SDM 27.6.1).
+    pub(crate) fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result {
+        let info = InterruptionInfo::new(vector, InterruptionInfo::HARDWARE_EXCEPTION, error_code.is_some());
+        self.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.0.into())?;
+        if let Some(code) = error_code {
+            self.vmcs.write(control::VMENTRY_EXCEPTION_ERR_CODE, code.into())?;
+        }
+        Ok(())
+    }
+
+    /// #GP(0) for the guest.
+    pub(crate) fn inject_gp(&mut self) -> Result<ExitAction> {
+        self.inject_exception(13, Some(0))?;
+        Ok(ExitAction::Resume)
+    }
+
+    /// #UD for the guest.
+    pub(crate) fn inject_ud(&mut self) -> Result<ExitAction> {
+        self.inject_exception(6, None)?;
+        Ok(ExitAction::Resume)
+    }
+}
+
+/// KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON with the exit reason and CPU.
+fn unexpected(ctx: &mut ExitContext<'_, '_>, exit: ExitReason) -> Result<ExitAction> {
+    let run = ctx.run();
+    // SAFETY: our run page; the union member matches the exit reason.
+    unsafe {
+        (*run).exit_reason = KVM_EXIT_INTERNAL_ERROR;
+        let internal = &mut (*run).__bindgen_anon_1.internal;
+        internal.suberror = KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON;
+        internal.ndata = 2;
+        internal.data[0] = exit.0.into();
+        internal.data[1] = glue::this_cpu().into();
+    }
+    Ok(ExitAction::ToUser)
+}
+
+/// Handles the exit that just happened.
+pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
+    let exit = ExitReason(ctx.vmcs.read(ro::EXIT_REASON) as u32);
+    if exit.entry_failed() {
+        // Invalid guest state or MSR loading (SDM 27.8): the guest never ran.
+        let run = ctx.run();
+        // SAFETY: our run page.
+        unsafe {
+            (*run).exit_reason = KVM_EXIT_FAIL_ENTRY;
+            (*run).__bindgen_anon_1.fail_entry.hardware_entry_failure_reason = exit.0.into();
+            (*run).__bindgen_anon_1.fail_entry.cpu = glue::this_cpu();
+        }
+        return Ok(ExitAction::ToUser);
+    }
+    match exit.basic() {
+        // Host NMIs were handed over already; host interrupts were taken
+        // when interrupts came back on.
+        reason::EXCEPTION_NMI | reason::EXTERNAL_INTERRUPT => Ok(ExitAction::Resume),
+        reason::TRIPLE_FAULT => {
+            // SAFETY: our run page.
+            unsafe { (*ctx.run()).exit_reason = KVM_EXIT_SHUTDOWN };
+            Ok(ExitAction::ToUser)
+        }
+        reason::HLT => {
+            ctx.skip_instruction()?;
+            // SAFETY: our run page.
+            unsafe { (*ctx.run()).exit_reason = KVM_EXIT_HLT };
+            Ok(ExitAction::ToUser)
+        }
+        reason::CPUID => cpuid(&mut ctx),
+        reason::IO_INSTRUCTION => io::handle(&mut ctx),
+        reason::CR_ACCESS => cr::handle(&mut ctx),
+        reason::RDMSR => msr::rdmsr(&mut ctx),
+        reason::WRMSR => msr::wrmsr(&mut ctx),
+        // The guest may not use VMX: #UD, as on a CPU without it (CPUID
+        // hides VMX from the guest).
+        reason::VMCALL..=reason::VMXON | reason::INVEPT | reason::INVVPID => ctx.inject_ud(),
+        _ => unexpected(&mut ctx, exit),
+    }
+}
+
+/// CPUID: answered from the table KVM_SET_CPUID2 sets (none yet: every leaf
+/// reads as zeros, as on KVM before KVM_SET_CPUID2).
+fn cpuid(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
+    for r in [0, 1, 2, 3] {
+        ctx.gprs.0[r] = 0;
+    }
+    ctx.skip_instruction()?;
+    Ok(ExitAction::Resume)
+}

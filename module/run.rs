@@ -1,0 +1,180 @@
+//! KVM_RUN: the run loop (api.rst 4.10).
+//!
+//! ```text
+//! KVM_RUN ─ complete a pending IN ─┐
+//!   ┌──────────────────────────────┘
+//!   │ signal pending? → KVM_EXIT_INTR, -EINTR
+//!   │ preemption off, VMCS loaded on this CPU, host state written
+//!   │   ┌ interrupts off, enter guest … VM exit, NMI handed to the host
+//!   │   │ interrupts on: pending host interrupts are taken here
+//!   │   └ handle the exit: in the kernel (loop) or for the VMM (return)
+//!   │ guest state saved, VMCS cleared, host segments restored
+//!   └ preemption on; rescheduled if needed, then loop or return
+//! ```
+//!
+//! Context: process context of the VMM thread, vCPU mutex held.
+
+use core::arch::asm;
+
+use kernel::error::{code::EINTR, Result};
+use kernel::prelude::*;
+use x86::vmx::vmcs::ro;
+
+use rkvm_core::exit::{ExitReason, InterruptionInfo};
+
+use crate::exit::{self, ExitAction};
+use crate::glue::{self, PreemptDisabled};
+use crate::kvm_abi::*;
+use crate::vcpu::{Vcpu, VcpuState};
+use crate::vmx::entry::{self, EntryResult};
+use crate::vmx::guest_state as gs;
+use crate::vmx::insn;
+use crate::vmx::vmcs::LoadedVmcs;
+
+/// Why the inner loop stopped.
+enum Stop {
+    /// Back to the VMM with this `kvm_run` filled in.
+    ToUser,
+    /// The scheduler or a signal wants this thread: leave, then come back.
+    Yield,
+}
+
+fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effect.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+fn write_cr2(v: u64) {
+    // SAFETY: CR2 only reports page-fault addresses; with interrupts off
+    // nothing on the host reads it before the guest runs.
+    unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack, preserves_flags)) };
+}
+
+/// The shared `struct kvm_run`.
+pub(crate) fn run_struct(vcpu: &Vcpu) -> *mut kvm_run {
+    vcpu.run_page.as_ptr().cast_mut().cast()
+}
+
+impl Vcpu {
+    /// KVM_RUN.
+    pub(crate) fn run(&self) -> Result<isize> {
+        let mut state = self.state.lock();
+        let run = run_struct(self);
+        // SAFETY: the run page is ours and mapped into the VMM, which may
+        // write it at any time: fields are read once, as untrusted values.
+        let immediate_exit = unsafe { core::ptr::read_volatile(&(*run).immediate_exit) };
+        exit::io::complete_pending_in(self, &mut state);
+        if immediate_exit != 0 {
+            // SAFETY: as above; writing our own page.
+            unsafe { (*run).exit_reason = KVM_EXIT_INTR };
+            return Err(EINTR);
+        }
+        loop {
+            if glue::signal_pending() {
+                // SAFETY: as above.
+                unsafe { (*run).exit_reason = KVM_EXIT_INTR };
+                return Err(EINTR);
+            }
+            match self.run_on_this_cpu(&mut state)? {
+                Stop::ToUser => return Ok(0),
+                Stop::Yield => glue::cond_resched(),
+            }
+        }
+    }
+
+    /// Loads the VMCS here and runs the guest until an exit needs the VMM
+    /// or this CPU is wanted elsewhere.
+    fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
+        let cpu = PreemptDisabled::new();
+        let host = cpu.host_state();
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8 } = state;
+        let mut loaded = vmcs.load(&cpu)?;
+        let first_run = *dirty;
+        let result = (|| -> Result<Stop> {
+            gs::write_controls(&mut loaded, &self.vm, gs::long_mode(sregs))?;
+            gs::write_host(&mut loaded, &host)?;
+            if *dirty {
+                gs::write_regs(&mut loaded, regs, gprs)?;
+                gs::write_sregs(&mut loaded, sregs)?;
+                if first_run {
+                    gs::write_reset_extras(&mut loaded)?;
+                }
+                *dirty = false;
+            }
+            // Translations this CPU cached for this EPT may be stale (the
+            // vCPU ran elsewhere, or slots changed while it did not run).
+            // SAFETY: VMX root operation on this pinned CPU.
+            if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
+                pr_err!("INVEPT failed\n");
+            }
+            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, &cpu)
+        })();
+        // Save what the guest changed, whatever happened.
+        *regs = gs::read_regs(&loaded, gprs);
+        *sregs = gs::read_sregs(&loaded, sregs);
+        drop(loaded);
+        cpu.restore_host_segments(&host);
+        result
+    }
+
+    fn inner_loop(
+        &self,
+        vmcs: &mut LoadedVmcs<'_>,
+        gprs: &mut entry::GuestRegs,
+        sregs: &mut kvm_sregs,
+        pending_in: &mut Option<crate::vcpu::PendingIn>,
+        cr8: &mut u64,
+        cpu: &PreemptDisabled,
+    ) -> Result<Stop> {
+        let run = run_struct(self);
+        loop {
+            glue::local_irq_disable();
+            write_cr2(sregs.cr2);
+            // SAFETY: interrupts and preemption are off; the VMCS is loaded
+            // here with host state for this CPU and checked guest state.
+            let result = unsafe { entry::enter(gprs, vmcs.launched) };
+            sregs.cr2 = read_cr2();
+            if result == EntryResult::Exited {
+                vmcs.launched = true;
+                let reason = ExitReason(vmcs.read(ro::EXIT_REASON) as u32);
+                let info = InterruptionInfo(vmcs.read(ro::VMEXIT_INTERRUPTION_INFO) as u32);
+                if reason.basic() == rkvm_core::exit::reason::EXCEPTION_NMI && info.is_nmi() {
+                    // SAFETY: interrupts are off and the exit was an NMI.
+                    unsafe { entry::handle_host_nmi() };
+                }
+            }
+            // Host interrupts that arrived while the guest ran (they caused
+            // the exit, unacknowledged) are taken now.
+            glue::local_irq_enable();
+
+            let action = match result {
+                EntryResult::Exited => exit::handle(exit::ExitContext {
+                    vcpu: self,
+                    vmcs: &mut *vmcs,
+                    gprs: &mut *gprs,
+                    pending_in: &mut *pending_in,
+                    cr8: &mut *cr8,
+                })?,
+                EntryResult::FailInvalid | EntryResult::FailValid => {
+                    let error = vmcs.read(ro::VM_INSTRUCTION_ERROR);
+                    pr_warn!("VM entry failed: VM-instruction error {error}\n");
+                    // SAFETY: our run page.
+                    unsafe {
+                        (*run).exit_reason = KVM_EXIT_FAIL_ENTRY;
+                        (*run).__bindgen_anon_1.fail_entry.hardware_entry_failure_reason = error;
+                        (*run).__bindgen_anon_1.fail_entry.cpu = glue::this_cpu();
+                    }
+                    ExitAction::ToUser
+                }
+            };
+            if let ExitAction::ToUser = action {
+                return Ok(Stop::ToUser);
+            }
+            if cpu.need_resched() || glue::signal_pending() {
+                return Ok(Stop::Yield);
+            }
+        }
+    }
+}
