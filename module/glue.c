@@ -32,6 +32,7 @@
 #include <asm/desc.h>
 #include <asm/special_insns.h>
 #include <asm/gsseg.h>
+#include <asm/tsc.h>
 #include <asm/fsgsbase.h>
 #include <asm/msr.h>
 #include <asm/segment.h>
@@ -80,6 +81,7 @@ void rkvm_cond_resched(void);
 u64 rkvm_page_to_phys(struct page *page);
 void *rkvm_phys_to_virt(u64 phys);
 unsigned long rkvm_task_size_max(void);
+unsigned int rkvm_tsc_khz(void);
 void rkvm_on_each_cpu(void (*fn)(void *), void *info);
 void rkvm_unregister_reboot(void);
 
@@ -242,6 +244,11 @@ void *rkvm_phys_to_virt(u64 phys)
 unsigned long rkvm_task_size_max(void)
 {
 	return TASK_SIZE_MAX;
+}
+
+unsigned int rkvm_tsc_khz(void)
+{
+	return tsc_khz;
 }
 
 /* Runs @fn(@info) on every online CPU, this one included, and waits. */

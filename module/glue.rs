@@ -44,6 +44,7 @@ mod ffi {
         pub(super) fn rkvm_page_to_phys(page: *mut core::ffi::c_void) -> u64;
         pub(super) fn rkvm_phys_to_virt(phys: u64) -> *mut core::ffi::c_void;
         pub(super) fn rkvm_task_size_max() -> usize;
+        pub(super) fn rkvm_tsc_khz() -> u32;
         pub(super) fn rkvm_on_each_cpu(
             f: unsafe extern "C" fn(*mut core::ffi::c_void),
             info: *mut core::ffi::c_void,
@@ -320,6 +321,12 @@ pub(crate) fn phys_to_virt(phys: u64) -> *mut u8 {
 pub(crate) fn task_size_max() -> u64 {
     // SAFETY: reads a constant (or the boot-time paging mode).
     unsafe { ffi::rkvm_task_size_max() as u64 }
+}
+
+/// TSC ticks per millisecond (`tsc_khz`).
+pub(crate) fn tsc_khz() -> u32 {
+    // SAFETY: reads a variable set at boot.
+    unsafe { ffi::rkvm_tsc_khz() }
 }
 
 /// Runs `f(info)` on every online CPU, this one included, and waits for all.

@@ -129,7 +129,15 @@ impl Vcpu {
         cpu: &PreemptDisabled,
     ) -> Result<Stop> {
         let run = run_struct(self);
+        // A 1 ms time slice in VMX-preemption-timer units (SDM 26.5.1: the
+        // timer counts down once per 2^shift TSC ticks).
+        let slice = self.vm.controls().preemption_timer().then(|| {
+            (u64::from(glue::tsc_khz()) >> self.vm.caps().misc.preemption_timer_tsc_shift()).max(1)
+        });
         loop {
+            if let Some(ticks) = slice {
+                vmcs.write(x86::vmx::vmcs::guest::VMX_PREEMPTION_TIMER_VALUE, ticks)?;
+            }
             glue::local_irq_disable();
             write_cr2(sregs.cr2);
             // SAFETY: interrupts and preemption are off; the VMCS is loaded

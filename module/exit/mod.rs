@@ -116,7 +116,9 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
     match exit.basic() {
         // Host NMIs were handed over already; host interrupts were taken
         // when interrupts came back on.
-        reason::EXCEPTION_NMI | reason::EXTERNAL_INTERRUPT => Ok(ExitAction::Resume),
+        // The time slice ran out: the run loop checks for signals and
+        // rescheduling, then resumes.
+        reason::EXCEPTION_NMI | reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => Ok(ExitAction::Resume),
         reason::TRIPLE_FAULT => {
             // SAFETY: our run page.
             unsafe { (*ctx.run()).exit_reason = KVM_EXIT_SHUTDOWN };

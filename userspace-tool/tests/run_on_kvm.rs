@@ -57,6 +57,17 @@ fn debug_exit_status_becomes_the_exit_code_as_in_qemu() {
 }
 
 #[test]
+fn port_io_of_every_size_reads_all_ones_and_the_uart_status() {
+    if !kvm_available() {
+        return;
+    }
+    let image = write_payload(rkvm_payloads::io_real());
+    let out = rkvm(&["run", "--dev", "/dev/kvm", image.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000000FF\n0000FFFF\nFFFFFFFF\n00000060\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
 fn missing_image_is_a_one_line_error() {
     let out = rkvm(&["run", "--dev", "/dev/kvm", "/nonexistent/guest.bin"]);
     assert!(one_line_error(&out).contains("cannot read image /nonexistent/guest.bin"));

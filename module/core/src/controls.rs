@@ -43,7 +43,10 @@ impl Controls {
     /// The controls for `caps`:
     /// - pin-based: exit on external interrupts (the host keeps them; they
     ///   are not acknowledged on exit, so the host takes them once interrupts
-    ///   are enabled) and on NMIs (handed to the host's NMI handler);
+    ///   are enabled) and on NMIs (handed to the host's NMI handler); the
+    ///   VMX-preemption timer where the CPU has it, as a time slice that
+    ///   brings the host back even if an interrupt exit is missed (Bochs
+    ///   2.7 misses them while the guest's RFLAGS.IF is 0);
     /// - processor-based: exit on HLT, on every I/O instruction, on MOV CR8
     ///   (no TPR shadow: a guest must not reach the host's TPR), on MOV DR,
     ///   RDPMC, MONITOR and MWAIT; no MSR bitmap, so every RDMSR/WRMSR exits;
@@ -61,7 +64,7 @@ impl Controls {
             "pin-based",
             caps.pinbased,
             (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits(),
-            0,
+            PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
         )?;
         let procbased = adjust(
             "processor-based",
@@ -106,6 +109,11 @@ impl Controls {
         Ok(Self { pinbased, procbased, procbased2, exit, entry })
     }
 
+    /// Whether the VMX-preemption timer is on.
+    pub fn preemption_timer(&self) -> bool {
+        self.pinbased & PinbasedControls::VMX_PREEMPTION_TIMER.bits() != 0
+    }
+
     /// The entry controls for a guest whose EFER.LMA is `long_mode`.
     pub fn entry_for(&self, long_mode: bool) -> u32 {
         let ia32e = EntryControls::IA32E_MODE_GUEST.bits();
@@ -147,6 +155,7 @@ mod tests {
         // TRUE controls let CR3 exiting be off.
         assert_eq!(c.procbased & PrimaryControls::CR3_LOAD_EXITING.bits(), 0);
         assert_eq!(c.exit & ExitControls::ACK_INTERRUPT_ON_EXIT.bits(), 0);
+        assert!(c.preemption_timer(), "Bochs has the preemption timer");
     }
 
     #[test]

@@ -82,9 +82,111 @@ pub fn exit_status_real() -> Payload {
     Payload { name: "exit-status-real.bin", image }
 }
 
+/// Sets up a real-mode stack below the load address: SS:SP = 0:0x1000.
+fn real_mode_stack(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.xor(ax, ax)?;
+    a.mov(ss, ax)?;
+    a.mov(sp, REAL_MODE_LOAD as u32)
+}
+
+/// `loop-real.bin`: real mode, `jmp $` forever. Only a signal stops it.
+pub fn loop_real() -> Payload {
+    let mut a = CodeAssembler::new(16).expect("16-bit assembler");
+    let mut here = a.create_label();
+    a.set_label(&mut here).expect("label");
+    a.jmp(here).expect("jmp $");
+    Payload { name: "loop-real.bin", image: a.assemble(REAL_MODE_LOAD).expect("loop-real assembles") }
+}
+
+/// `triple-fault-real.bin`: starts in real mode, loads an IDT with limit 0,
+/// sets CR0.PE (CS keeps its cached real-mode values) and executes INT3: in
+/// protected mode the #BP cannot be delivered (#GP), nor can the #GP (#DF),
+/// nor the #DF: a triple fault, which the VMM sees as a shutdown.
+pub fn triple_fault_real() -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        real_mode_stack(&mut a)?;
+        // A 6-byte pseudo-descriptor of zeros on the stack: base 0, limit 0.
+        a.push(ax)?;
+        a.push(ax)?;
+        a.push(ax)?;
+        a.mov(bp, sp)?;
+        a.lidt(ptr(bp))?;
+        // PE and ET only: caches on, as a real guest would run.
+        a.mov(eax, 0x11u32)?;
+        a.mov(cr0, eax)?;
+        a.int3()?;
+        a.hlt()?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name: "triple-fault-real.bin", image: build().expect("triple-fault-real assembles") }
+}
+
+/// `io-real.bin`: real mode, port I/O of every size in both directions:
+/// IN of 1, 2 and 4 bytes from an unclaimed port (0x80, all ones) and from
+/// the UART's line status register (0x3fd), OUT of 1, 2 and 4 bytes to
+/// 0x80; each IN result is printed on COM1 as 8 hex digits and a newline.
+/// Then `cli; hlt`.
+pub fn io_real() -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut print_hex = a.create_label();
+        let mut digit = a.create_label();
+        let mut decimal = a.create_label();
+        real_mode_stack(&mut a)?;
+        for (port, width) in [(0x80u32, 1), (0x80, 2), (0x80, 4), (0x3fd, 1)] {
+            a.mov(dx, port)?;
+            match width {
+                1 => {
+                    a.in_(al, dx)?;
+                    a.movzx(eax, al)?;
+                }
+                2 => {
+                    a.in_(ax, dx)?;
+                    a.movzx(eax, ax)?;
+                }
+                _ => a.in_(eax, dx)?,
+            }
+            a.call(print_hex)?;
+        }
+        a.mov(dx, 0x80u32)?;
+        a.mov(eax, 0x1234_5678u32)?;
+        a.out(dx, al)?;
+        a.out(dx, ax)?;
+        a.out(dx, eax)?;
+        a.cli()?;
+        a.hlt()?;
+        // print_hex: EAX as 8 hex digits and '\n' on COM1; clobbers EBX,
+        // CX, DX.
+        a.set_label(&mut print_hex)?;
+        a.mov(cx, 8u32)?;
+        a.mov(dx, u32::from(SERIAL_PORT))?;
+        a.set_label(&mut digit)?;
+        a.rol(eax, 4u32)?;
+        a.mov(ebx, eax)?;
+        a.and(bl, 0xfu32)?;
+        a.add(bl, u32::from(b'0'))?;
+        a.cmp(bl, u32::from(b'9'))?;
+        a.jbe(decimal)?;
+        a.add(bl, 7u32)?;
+        a.set_label(&mut decimal)?;
+        a.push(eax)?;
+        a.mov(al, bl)?;
+        a.out(dx, al)?;
+        a.pop(eax)?;
+        a.dec(cx)?;
+        a.jnz(digit)?;
+        a.mov(al, u32::from(b'\n'))?;
+        a.out(dx, al)?;
+        a.ret()?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name: "io-real.bin", image: build().expect("io-real assembles") }
+}
+
 /// Every payload, for writing them all out.
 pub fn all() -> Vec<Payload> {
-    vec![hello_real(), exit_status_real()]
+    vec![hello_real(), exit_status_real(), loop_real(), triple_fault_real(), io_real()]
 }
 
 #[cfg(test)]

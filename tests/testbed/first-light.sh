@@ -1,0 +1,121 @@
+#!/bin/sh
+# First-light suite (issue 3): the same guests run on /dev/rkvm and on
+# /dev/kvm (the oracle) with identical output and exit status; guests that
+# loop forever stop on a signal; killed VMMs leak nothing; many VMs come and
+# go.
+. /tests/lib.sh
+
+PAYLOADS="hello-real exit-status-real io-real triple-fault-real"
+
+unload_all() {
+    rmmod rkvm 2>/dev/null || true
+    rmmod kvm_intel 2>/dev/null || true
+    rmmod kvm 2>/dev/null || true
+}
+
+# run_all DEV TAG: every payload on DEV, output and status kept in /tmp.
+run_all() {
+    for p in $PAYLOADS; do
+        rkvm run --dev "$1" "/payloads/$p.bin" > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err"
+        echo "exit status $?" >> "/tmp/$2-$p.out"
+        sed 's/^/    /' "/tmp/$2-$p.out" "/tmp/$2-$p.err"
+    done
+}
+
+payloads_on_rkvm() {
+    unload_all
+    modprobe rkvm
+    run_all /dev/rkvm rkvm
+}
+
+payloads_on_kvm() {
+    unload_all
+    modprobe kvm_intel
+    run_all /dev/kvm kvm
+    unload_all
+    modprobe rkvm
+}
+
+# same PAYLOAD: identical stdout and exit status on both devices.
+same() {
+    diff "/tmp/kvm-$1.out" "/tmp/rkvm-$1.out"
+}
+
+hello_prints() {
+    grep -qx 'Hello from real mode!' /tmp/rkvm-hello-real.out
+    grep -qx 'exit status 0' /tmp/rkvm-hello-real.out
+}
+
+debug_exit_status() {
+    grep -qx 'exit status 67' /tmp/rkvm-exit-status-real.out
+}
+
+io_of_every_size() {
+    printf '000000FF\n0000FFFF\nFFFFFFFF\n00000060\nexit status 0\n' | diff - /tmp/rkvm-io-real.out
+}
+
+triple_fault_is_a_shutdown() {
+    grep -qx 'exit status 1' /tmp/rkvm-triple-fault-real.out
+    grep -q 'guest shut down (triple fault)' /tmp/rkvm-triple-fault-real.err
+}
+
+# A guest in `jmp $` forever: SIGTERM ends the VMM within a second.
+sigterm_stops_a_looping_guest() {
+    rkvm run --dev /dev/rkvm /payloads/loop-real.bin &
+    pid=$!
+    sleep 1
+    kill -0 $pid
+    kill -TERM $pid
+    i=0
+    while kill -0 $pid 2>/dev/null; do
+        i=$((i + 1))
+        [ $i -le 10 ] || { echo "still running 1 s after SIGTERM"; return 1; }
+        sleep 0.1
+    done
+    wait $pid || true
+}
+
+# SIGKILL mid-run: the fds close, the VM goes, the module can unload.
+killed_vmm_leaves_nothing() {
+    rkvm run --dev /dev/rkvm /payloads/loop-real.bin &
+    pid=$!
+    sleep 1
+    kill -KILL $pid
+    wait $pid || true
+    rmmod rkvm
+    modprobe rkvm
+}
+
+two_vms_at_once() {
+    rkvm run --dev /dev/rkvm /payloads/loop-real.bin &
+    looping=$!
+    rkvm run --dev /dev/rkvm /payloads/io-real.bin > /tmp/two.out
+    kill -TERM $looping
+    wait $looping || true
+    diff /tmp/rkvm-io-real.out /tmp/two.out 2>/dev/null || grep -qx 00000060 /tmp/two.out
+}
+
+hundred_vms_created_and_destroyed() {
+    i=0
+    while [ $i -lt 100 ]; do
+        rkvm run --dev /dev/rkvm /payloads/exit-status-real.bin > /dev/null
+        [ $? -eq 67 ] || { echo "run $i failed"; return 1; }
+        i=$((i + 1))
+    done
+}
+
+check "payloads run on /dev/rkvm" payloads_on_rkvm
+check "payloads run on /dev/kvm (the oracle)" payloads_on_kvm
+for p in $PAYLOADS; do
+    check "$p: same output and exit status on rkvm and KVM" same "$p"
+done
+check "real-mode hello prints through COM1 and halts (exit 0)" hello_prints
+check "isa-debug-exit status 0x21 exits with 67" debug_exit_status
+check "IN and OUT of 1, 2 and 4 bytes" io_of_every_size
+check "a triple fault is a shutdown exit" triple_fault_is_a_shutdown
+check "SIGTERM stops a guest looping forever within a second" sigterm_stops_a_looping_guest
+check "a VMM killed mid-run leaves the module unloadable" killed_vmm_leaves_nothing
+check "two VMs at once" two_vms_at_once
+check "100 VMs created and destroyed" hundred_vms_created_and_destroyed
+unload_all
+finish
