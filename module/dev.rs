@@ -70,6 +70,8 @@ pub(crate) fn check_extension(cap: usize) -> isize {
     let Ok(cap) = u32::try_from(cap) else { return 0 };
     match cap {
         KVM_CAP_USER_MEMORY | KVM_CAP_SET_TSS_ADDR | KVM_CAP_SET_IDENTITY_MAP_ADDR => 1,
+        // KVM_GET_SUPPORTED_CPUID and KVM_SET_CPUID2.
+        KVM_CAP_EXT_CPUID => 1,
         // Deleting a slot with memory_size 0 works.
         KVM_CAP_DESTROY_MEMORY_REGION_WORKS => 1,
         KVM_CAP_NR_MEMSLOTS => rkvm_core::memslot::MAX_SLOTS as isize,
@@ -96,6 +98,7 @@ fn system_ioctl(cmd: u32, arg: usize) -> Result<isize> {
         KVM_CHECK_EXTENSION => Ok(check_extension(arg)),
         KVM_CREATE_VM => create_vm(arg),
         KVM_GET_VCPU_MMAP_SIZE => Ok((MMAP_PAGES * PAGE_SIZE) as isize),
+        KVM_GET_SUPPORTED_CPUID => crate::cpuid::get_supported(arg),
         _ => Err(ENOTTY),
     }
 }

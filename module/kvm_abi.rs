@@ -40,6 +40,7 @@ plain_abi_structs!(
     kvm_segment,
     kvm_dtable,
     kvm_userspace_memory_region,
+    kvm_cpuid_entry2,
 );
 
 // The layouts the ABI fixes, checked against kvm-bindings by the host tests
@@ -52,4 +53,5 @@ const _: () = {
     assert!(size_of::<kvm_segment>() == layout::KVM_SEGMENT);
     assert!(size_of::<kvm_userspace_memory_region>() == layout::KVM_USERSPACE_MEMORY_REGION);
     assert!(size_of::<kvm_run>() == layout::KVM_RUN);
+    assert!(size_of::<kvm_cpuid_entry2>() == 40);
 };

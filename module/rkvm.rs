@@ -17,6 +17,7 @@
 
 use kernel::prelude::*;
 
+mod cpuid;
 mod dev;
 mod exit;
 mod file;

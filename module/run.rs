@@ -89,7 +89,7 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8 } = state;
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid } = state;
         let mut loaded = vmcs.load(&cpu)?;
         let first_run = *dirty;
         let result = (|| -> Result<Stop> {
@@ -109,7 +109,7 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, &cpu)
+            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, &cpu)
         })();
         // Save what the guest changed, whatever happened.
         *regs = gs::read_regs(&loaded, gprs);
@@ -126,6 +126,7 @@ impl Vcpu {
         sregs: &mut kvm_sregs,
         pending_in: &mut Option<crate::vcpu::PendingIn>,
         cr8: &mut u64,
+        cpuid: &[rkvm_core::cpuid::Entry],
         cpu: &PreemptDisabled,
     ) -> Result<Stop> {
         let run = run_struct(self);
@@ -164,6 +165,7 @@ impl Vcpu {
                     gprs: &mut *gprs,
                     pending_in: &mut *pending_in,
                     cr8: &mut *cr8,
+                    cpuid,
                 })?,
                 EntryResult::FailInvalid | EntryResult::FailValid => {
                     let error = vmcs.read(ro::VM_INSTRUCTION_ERROR);

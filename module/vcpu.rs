@@ -6,6 +6,7 @@
 //! Context: ioctls run in the VMM's process context and may sleep; the
 //! vCPU's mutex serializes them, as KVM's `vcpu->mutex` does.
 
+use kernel::alloc::KVec;
 use kernel::bindings;
 use kernel::c_str;
 use kernel::error::{
@@ -62,6 +63,8 @@ pub(crate) struct VcpuState {
     pub(crate) pending_in: Option<PendingIn>,
     /// The guest's CR8 (TPR), virtualized: MOV CR8 exits.
     pub(crate) cr8: u64,
+    /// The guest's CPUID, from KVM_SET_CPUID2.
+    pub(crate) cpuid: KVec<rkvm_core::cpuid::Entry>,
 }
 
 /// A vCPU.
@@ -131,6 +134,7 @@ impl Vcpu {
             vmcs,
             pending_in: None,
             cr8: 0,
+            cpuid: KVec::new(),
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),
@@ -182,6 +186,11 @@ impl FileObject for Vcpu {
             }
             KVM_GET_SREGS => Self::get(arg, &this.state.lock().sregs),
             KVM_SET_SREGS => this.set_sregs(arg),
+            KVM_SET_CPUID2 => {
+                let table = crate::cpuid::read_table(arg)?;
+                this.state.lock().cpuid = table;
+                Ok(0)
+            }
             _ => Err(ENOTTY),
         }
     }

@@ -39,6 +39,8 @@ pub(crate) struct ExitContext<'a, 'v> {
     pub(crate) pending_in: &'a mut Option<PendingIn>,
     /// The guest's CR8.
     pub(crate) cr8: &'a mut u64,
+    /// The guest's CPUID table.
+    pub(crate) cpuid: &'a [rkvm_core::cpuid::Entry],
 }
 
 impl ExitContext<'_, '_> {
@@ -142,12 +144,17 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
     }
 }
 
-/// CPUID: answered from the table KVM_SET_CPUID2 sets (none yet: every leaf
-/// reads as zeros, as on KVM before KVM_SET_CPUID2).
+/// CPUID: answered from the table KVM_SET_CPUID2 set (zeros for a leaf it
+/// lacks, as KVM): EAX selects the leaf, ECX the sub-leaf; the results go to
+/// EAX, EBX, ECX, EDX with the upper halves cleared.
 fn cpuid(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
-    for r in [0, 1, 2, 3] {
-        ctx.gprs.0[r] = 0;
-    }
+    let [eax, ebx, ecx, edx] =
+        rkvm_core::cpuid::lookup(ctx.cpuid, ctx.gprs.0[0] as u32, ctx.gprs.0[1] as u32);
+    // GuestRegs order: RAX, RCX, RDX, RBX.
+    ctx.gprs.0[0] = eax.into();
+    ctx.gprs.0[1] = ecx.into();
+    ctx.gprs.0[2] = edx.into();
+    ctx.gprs.0[3] = ebx.into();
     ctx.skip_instruction()?;
     Ok(ExitAction::Resume)
 }

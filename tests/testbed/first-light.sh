@@ -5,7 +5,9 @@
 # go.
 . /tests/lib.sh
 
-PAYLOADS="hello-real exit-status-real io-real triple-fault-real"
+# name:mode pairs.
+PAYLOADS="hello-real:real exit-status-real:real io-real:real triple-fault-real:real
+hello-protected:protected hello-long:long cpuid-real:real"
 
 unload_all() {
     rmmod rkvm 2>/dev/null || true
@@ -15,8 +17,9 @@ unload_all() {
 
 # run_all DEV TAG: every payload on DEV, output and status kept in /tmp.
 run_all() {
-    for p in $PAYLOADS; do
-        rkvm run --dev "$1" "/payloads/$p.bin" > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err"
+    for pm in $PAYLOADS; do
+        p=${pm%%:*}
+        rkvm run --dev "$1" --mode "${pm##*:}" "/payloads/$p.bin" > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err"
         echo "exit status $?" >> "/tmp/$2-$p.out"
         sed 's/^/    /' "/tmp/$2-$p.out" "/tmp/$2-$p.err"
     done
@@ -44,6 +47,16 @@ same() {
 hello_prints() {
     grep -qx 'Hello from real mode!' /tmp/rkvm-hello-real.out
     grep -qx 'exit status 0' /tmp/rkvm-hello-real.out
+}
+
+protected_and_long() {
+    grep -qx 'Hello from protected mode!' /tmp/rkvm-hello-protected.out
+    grep -qx 'Hello from long mode!' /tmp/rkvm-hello-long.out
+    grep -qx 'exit status 0' /tmp/rkvm-hello-long.out
+}
+
+cpuid_table() {
+    printf 'GenuineIntel\nvmx=0 hypervisor=1\nexit status 0\n' | diff - /tmp/rkvm-cpuid-real.out
 }
 
 debug_exit_status() {
@@ -106,11 +119,13 @@ hundred_vms_created_and_destroyed() {
 
 check "payloads run on /dev/rkvm" payloads_on_rkvm
 check "payloads run on /dev/kvm (the oracle)" payloads_on_kvm
-for p in $PAYLOADS; do
-    check "$p: same output and exit status on rkvm and KVM" same "$p"
+for pm in $PAYLOADS; do
+    check "${pm%%:*} (${pm##*:} mode): same output and exit status on rkvm and KVM" same "${pm%%:*}"
 done
 check "real-mode hello prints through COM1 and halts (exit 0)" hello_prints
+check "protected mode (GDT, flat segments) and long mode (paging, EFER.LMA) guests run" protected_and_long
 check "isa-debug-exit status 0x21 exits with 67" debug_exit_status
+check "CPUID comes from KVM_SET_CPUID2's table: vendor passed through, VMX hidden, hypervisor bit set" cpuid_table
 check "IN and OUT of 1, 2 and 4 bytes" io_of_every_size
 check "a triple fault is a shutdown exit" triple_fault_is_a_shutdown
 check "SIGTERM stops a guest looping forever within a second" sigterm_stops_a_looping_guest

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bus;
 mod devices;
 mod kvm;
+mod layout;
 mod loader;
 mod vmm;
 
@@ -42,9 +43,14 @@ enum Command {
 
 /// CPU mode the guest starts in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    /// 16-bit real mode (CS:IP from the entry address).
+pub enum Mode {
+    /// 16-bit real mode (CS:IP from the entry address, which must be below
+    /// 1 MiB).
     Real,
+    /// 32-bit protected mode, flat 4 GiB segments from a GDT, paging off.
+    Protected,
+    /// 64-bit long mode, the first GiB identity-mapped with 2 MiB pages.
+    Long,
 }
 
 #[derive(clap::Args)]
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
             mem_size: args.mem,
             load: args.load,
             entry: args.entry.unwrap_or(args.load),
+            mode: args.mode,
             image: args.image,
         }),
         Command::Info { dev } => kvm::info(&dev).map(|()| 0),

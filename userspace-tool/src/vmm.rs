@@ -7,20 +7,24 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
-use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::bus::PortBus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_BASE, DEBUG_EXIT_LEN};
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_LEN};
-use crate::{kvm, loader};
+use crate::{kvm, layout, loader, Mode};
 
 /// RFLAGS.IF: a HLT with it clear can only end by NMI, SMI or reset, so the
 /// run is over.
 const RFLAGS_IF: u64 = 1 << 9;
 /// RFLAGS bit 1 is reserved and always 1.
 const RFLAGS_FIXED: u64 = 1 << 1;
+/// CPUID.1:ECX bit 5: VMX.
+const CPUID1_ECX_VMX: u32 = 1 << 5;
+/// CPUID.1:ECX bit 31: running under a hypervisor.
+const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Smallest guest RAM accepted: room for the real-mode IVT, BDA and a payload.
 const MIN_MEM: u64 = 64 << 10;
 const PAGE_SIZE: u64 = 4096;
@@ -35,6 +39,8 @@ pub struct RunConfig {
     pub load: u64,
     /// First instruction.
     pub entry: u64,
+    /// CPU mode at the first instruction.
+    pub mode: Mode,
     /// The flat binary.
     pub image: PathBuf,
 }
@@ -51,13 +57,30 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
     if cfg.entry >= cfg.mem_size {
         bail!("entry address {:#x} is outside guest RAM ({:#x} bytes)", cfg.entry, cfg.mem_size);
     }
-    if cfg.entry >= 1 << 20 {
+    if cfg.mode == Mode::Real && cfg.entry >= 1 << 20 {
         bail!("entry address {:#x} is not reachable in real mode (must be below 1 MiB)", cfg.entry);
+    }
+    if cfg.mode == Mode::Long && cfg.mem_size < layout::SYSTEM_END {
+        bail!("long mode needs at least {:#x} bytes of RAM for its page tables", layout::SYSTEM_END);
     }
     // Guest memory first, so that it outlives the VM that maps it.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.mem_size as usize)])
         .context("cannot allocate guest RAM")?;
-    loader::load_flat(&mem, cfg.mem_size, &cfg.image, cfg.load)?;
+    let len = loader::load_flat(&mem, cfg.mem_size, &cfg.image, cfg.load)?;
+    if cfg.mode != Mode::Real {
+        let system = if cfg.mode == Mode::Long { layout::PML4_ADDR..layout::SYSTEM_END } else { 0..0 };
+        let image = cfg.load..cfg.load + len;
+        if image.start < layout::GDT_ADDR + 24 && layout::GDT_ADDR < image.end
+            || image.start < system.end && system.start < image.end
+        {
+            bail!(
+                "image at {:#x}..{:#x} overlaps the GDT (0x500) or the page tables (0x90000..0x93000); use another --load",
+                image.start,
+                image.end
+            );
+        }
+        write_system_tables(&mem, cfg.mode, cfg.mem_size)?;
+    }
 
     let kvm = kvm::open(&cfg.dev)?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM failed")?;
@@ -73,7 +96,22 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
     // before `vm`, so it is unmapped only after the VM is gone.
     unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION failed")?;
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU failed")?;
-    enter_real_mode(&vcpu, cfg.entry)?;
+    // The guest sees what the device supports (KVM refuses long mode to a
+    // vCPU whose CPUID lacks it), adjusted as QEMU does for a guest without
+    // nested virtualization: VMX hidden, the hypervisor bit set.
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID failed")?;
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 1 {
+            entry.ecx = (entry.ecx & !CPUID1_ECX_VMX) | CPUID1_ECX_HYPERVISOR;
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2 failed")?;
+    match cfg.mode {
+        Mode::Real => enter_real_mode(&vcpu, cfg.entry)?,
+        Mode::Protected | Mode::Long => enter_flat_mode(&vcpu, cfg.mode, cfg.entry, cfg.load)?,
+    }
 
     let exit_status = Rc::new(Cell::new(None));
     let mut bus = PortBus::default();
@@ -91,6 +129,76 @@ fn enter_real_mode(vcpu: &VcpuFd, entry: u64) -> Result<()> {
     sregs.cs.base = u64::from(selector) << 4;
     vcpu.set_sregs(&sregs).context("KVM_SET_SREGS failed")?;
     let regs = kvm_regs { rip: entry - sregs.cs.base, rflags: RFLAGS_FIXED, ..Default::default() };
+    vcpu.set_regs(&regs).context("KVM_SET_REGS failed")?;
+    Ok(())
+}
+
+/// The GDT, and for long mode the identity-mapped page tables.
+fn write_system_tables(mem: &GuestMemoryMmap, mode: Mode, mem_size: u64) -> Result<()> {
+    let long = mode == Mode::Long;
+    for (i, entry) in layout::gdt(long).iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(layout::GDT_ADDR + 8 * i as u64)).context("writing the GDT")?;
+    }
+    if long {
+        const PRESENT_WRITABLE: u64 = 0b11;
+        const PAGE_SIZE_2M: u64 = 1 << 7;
+        mem.write_obj(layout::PDPT_ADDR | PRESENT_WRITABLE, GuestAddress(layout::PML4_ADDR))
+            .context("writing the PML4")?;
+        mem.write_obj(layout::PD_ADDR | PRESENT_WRITABLE, GuestAddress(layout::PDPT_ADDR))
+            .context("writing the PDPT")?;
+        // Map the first GiB, or all of RAM if less (the rest reads as MMIO).
+        let pages = mem_size.div_ceil(1 << 21).min(512);
+        for i in 0..pages {
+            mem.write_obj((i << 21) | PAGE_SIZE_2M | PRESENT_WRITABLE, GuestAddress(layout::PD_ADDR + 8 * i))
+                .context("writing the page directory")?;
+        }
+    }
+    Ok(())
+}
+
+/// A flat segment as the GDT describes it (the hidden part KVM_SET_SREGS
+/// loads directly).
+fn flat_segment(selector: u16, code: bool, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: u8::from(!(code && long)),
+        s: 1,
+        l: u8::from(code && long),
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// Protected mode (CR0.PE) or long mode (CR0.PG, CR4.PAE, EFER.LME|LMA):
+/// flat segments, the GDT loaded, RIP = `entry`, the stack below `load`.
+fn enter_flat_mode(vcpu: &VcpuFd, mode: Mode, entry: u64, load: u64) -> Result<()> {
+    const CR0_PE: u64 = 1;
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    let long = mode == Mode::Long;
+    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS failed")?;
+    let data = flat_segment(layout::DATA_SELECTOR, false, long);
+    sregs.cs = flat_segment(layout::CODE_SELECTOR, true, long);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.gdt.base = layout::GDT_ADDR;
+    sregs.gdt.limit = 3 * 8 - 1;
+    sregs.cr0 = CR0_PE | CR0_ET;
+    if long {
+        sregs.cr0 |= CR0_PG;
+        sregs.cr3 = layout::PML4_ADDR;
+        sregs.cr4 = CR4_PAE;
+        sregs.efer = EFER_LME | EFER_LMA;
+    }
+    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS failed")?;
+    let regs = kvm_regs { rip: entry, rsp: load, rflags: RFLAGS_FIXED, ..Default::default() };
     vcpu.set_regs(&regs).context("KVM_SET_REGS failed")?;
     Ok(())
 }

@@ -68,6 +68,29 @@ fn port_io_of_every_size_reads_all_ones_and_the_uart_status() {
 }
 
 #[test]
+fn protected_and_long_mode_guests_print_and_halt() {
+    if !kvm_available() {
+        return;
+    }
+    for (payload, mode, text) in [
+        (rkvm_payloads::hello_protected(), "protected", "Hello from protected mode!\n"),
+        (rkvm_payloads::hello_long(), "long", "Hello from long mode!\n"),
+    ] {
+        let image = write_payload(payload);
+        let out = rkvm(&["run", "--dev", "/dev/kvm", "--mode", mode, image.to_str().unwrap()]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), text, "{mode}");
+        assert_eq!(out.status.code(), Some(0), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn an_image_over_the_page_tables_is_refused() {
+    let image = write_payload(rkvm_payloads::hello_long());
+    let out = rkvm(&["run", "--dev", "/dev/kvm", "--mode", "long", "--load", "0x90000", image.to_str().unwrap()]);
+    assert!(one_line_error(&out).contains("overlaps"));
+}
+
+#[test]
 fn missing_image_is_a_one_line_error() {
     let out = rkvm(&["run", "--dev", "/dev/kvm", "/nonexistent/guest.bin"]);
     assert!(one_line_error(&out).contains("cannot read image /nonexistent/guest.bin"));

@@ -17,6 +17,7 @@ pub mod abi;
 pub mod caps;
 pub mod controls;
 pub mod cpu_state;
+pub mod cpuid;
 pub mod ept;
 pub mod exit;
 pub mod fixed;

@@ -122,6 +122,11 @@ fn system_checks(c: &mut Checks, kvm: &Kvm) {
     let r = raw_ioctl(kvm, 0xaeff, 0);
     c.check("an unknown system ioctl fails with ENOTTY (KVM: EINVAL)",
             r == Err(libc::ENOTTY) || r == Err(libc::EINVAL), format!("{r:?}"));
+    let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES);
+    c.check("KVM_GET_SUPPORTED_CPUID hides VMX and sets the hypervisor bit",
+            cpuid.as_ref().is_ok_and(|t| t.as_slice().iter().any(|e| e.function == 1
+                && e.ecx & (1 << 5) == 0 && e.ecx & (1 << 31) != 0)), format!("{:?}", cpuid.as_ref().err()));
+    c.errno("KVM_GET_SUPPORTED_CPUID into 1 entry fails with E2BIG", kvm.get_supported_cpuid(1), libc::E2BIG);
     c.errno("KVM_CREATE_VM with an unknown VM type fails with EINVAL",
             kvm.create_vm_with_type(0x7f), libc::EINVAL);
 }

@@ -24,20 +24,27 @@ pub struct Payload {
     pub image: Vec<u8>,
 }
 
-/// Prints `msg` on COM1 from 16-bit code at [`REAL_MODE_LOAD`], then runs
-/// `tail`. The message follows the code; its address is found by assembling
-/// twice (`mov si, imm16` has one encoding, so the length does not change).
-fn real_mode_print(
+/// Prints `msg` on COM1 from `bits`-bit code at [`REAL_MODE_LOAD`], then
+/// runs `tail`. The message follows the code; its address is found by
+/// assembling twice (`mov si/esi, imm` has one encoding per mode, so the
+/// length does not change). In real mode DS is zeroed first; in protected
+/// and long mode the VMM's flat segments are used.
+fn print_program(
+    bits: u32,
     msg: &str,
     tail: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> Result<Vec<u8>, IcedError> {
     let code = |text_addr: u64| -> Result<Vec<u8>, IcedError> {
-        let mut a = CodeAssembler::new(16)?;
+        let mut a = CodeAssembler::new(bits)?;
         let mut next = a.create_label();
         let mut done = a.create_label();
-        a.xor(ax, ax)?;
-        a.mov(ds, ax)?;
-        a.mov(si, text_addr as u32)?;
+        if bits == 16 {
+            a.xor(ax, ax)?;
+            a.mov(ds, ax)?;
+            a.mov(si, text_addr as u32)?;
+        } else {
+            a.mov(esi, text_addr as u32)?;
+        }
         a.mov(dx, u32::from(SERIAL_PORT))?;
         a.cld()?;
         a.set_label(&mut next)?;
@@ -56,6 +63,32 @@ fn real_mode_print(
     image.extend_from_slice(msg.as_bytes());
     image.push(0);
     Ok(image)
+}
+
+fn real_mode_print(
+    msg: &str,
+    tail: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<Vec<u8>, IcedError> {
+    print_program(16, msg, tail)
+}
+
+fn cli_hlt(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.cli()?;
+    a.hlt()
+}
+
+/// `hello-protected.bin`: 32-bit protected mode (`rkvm run --mode
+/// protected`), prints "Hello from protected mode!\n", then `cli; hlt`.
+pub fn hello_protected() -> Payload {
+    let image = print_program(32, "Hello from protected mode!\n", cli_hlt).expect("hello-protected assembles");
+    Payload { name: "hello-protected.bin", image }
+}
+
+/// `hello-long.bin`: 64-bit long mode with paging (`rkvm run --mode long`),
+/// prints "Hello from long mode!\n", then `cli; hlt`.
+pub fn hello_long() -> Payload {
+    let image = print_program(64, "Hello from long mode!\n", cli_hlt).expect("hello-long assembles");
+    Payload { name: "hello-long.bin", image }
 }
 
 /// `hello-real.bin`: real mode, prints "Hello from real mode!\n", then
@@ -184,9 +217,64 @@ pub fn io_real() -> Payload {
     Payload { name: "io-real.bin", image: build().expect("io-real assembles") }
 }
 
+/// `cpuid-real.bin`: real mode, prints the CPU vendor (CPUID leaf 0: EBX,
+/// EDX, ECX), then "vmx=V hypervisor=H" from CPUID.1:ECX bits 5 and 31: a
+/// hypervisor hides VMX and says it is there. Then `cli; hlt`.
+pub fn cpuid_real() -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        real_mode_stack(&mut a)?;
+        a.xor(eax, eax)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(esi, ecx)?;
+        a.mov(edi, edx)?;
+        a.mov(dx, u32::from(SERIAL_PORT))?;
+        for reg in [ebx, edi, esi] {
+            a.mov(eax, reg)?;
+            for _ in 0..4 {
+                a.out(dx, al)?;
+                a.shr(eax, 8u32)?;
+            }
+        }
+        a.mov(al, u32::from(b'\n'))?;
+        a.out(dx, al)?;
+        a.mov(eax, 1u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(dx, u32::from(SERIAL_PORT))?;
+        for (text, bit) in [("vmx=", 5u32), (" hypervisor=", 31)] {
+            for b in text.bytes() {
+                a.mov(al, u32::from(b))?;
+                a.out(dx, al)?;
+            }
+            a.mov(eax, ecx)?;
+            a.shr(eax, bit)?;
+            a.and(al, 1u32)?;
+            a.add(al, u32::from(b'0'))?;
+            a.out(dx, al)?;
+        }
+        a.mov(al, u32::from(b'\n'))?;
+        a.out(dx, al)?;
+        a.cli()?;
+        a.hlt()?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name: "cpuid-real.bin", image: build().expect("cpuid-real assembles") }
+}
+
 /// Every payload, for writing them all out.
 pub fn all() -> Vec<Payload> {
-    vec![hello_real(), exit_status_real(), loop_real(), triple_fault_real(), io_real()]
+    vec![
+        hello_real(),
+        exit_status_real(),
+        loop_real(),
+        triple_fault_real(),
+        io_real(),
+        hello_protected(),
+        hello_long(),
+        cpuid_real(),
+    ]
 }
 
 #[cfg(test)]

@@ -1,0 +1,56 @@
+//! Where the tool puts things in guest memory: nothing but documented
+//! address constants (as Firecracker's arch/x86_64/layout.rs).
+//!
+//! ```text
+//! 0x0000_0000  real-mode IVT and BIOS data area (left zero)
+//! 0x0000_0500  GDT (protected and long mode): null, code, data
+//! 0x0000_1000  default load and entry address of the image
+//!     ...      the image, then free RAM
+//! 0x0009_0000  long-mode page tables: PML4, PDPT, PD (2 MiB pages)
+//! 0x0009_3000  end of the tool's structures
+//! ```
+//! The stack grows down from the load address.
+
+/// The GDT's guest-physical address.
+pub const GDT_ADDR: u64 = 0x500;
+/// Selector of the code segment (GDT entry 1).
+pub const CODE_SELECTOR: u16 = 0x08;
+/// Selector of the data segment (GDT entry 2).
+pub const DATA_SELECTOR: u16 = 0x10;
+/// The PML4 of the identity map (long mode).
+pub const PML4_ADDR: u64 = 0x9_0000;
+/// The PDPT (one entry: the first GiB).
+pub const PDPT_ADDR: u64 = 0x9_1000;
+/// The page directory: 512 2 MiB pages, the first GiB identity-mapped.
+pub const PD_ADDR: u64 = 0x9_2000;
+/// One past the tool's structures.
+pub const SYSTEM_END: u64 = 0x9_3000;
+
+/// GDT entries: null; flat 4 GiB code and data (protected mode); or a
+/// 64-bit code segment (long mode). SDM Vol. 3A, 3.4.5.
+pub fn gdt(long_mode: bool) -> [u64; 3] {
+    const CODE32: u64 = 0x00cf_9a00_0000_ffff; // base 0, limit 4G, G, D, P, DPL0, exec/read
+    const CODE64: u64 = 0x00af_9a00_0000_ffff; // as above with L instead of D
+    const DATA: u64 = 0x00cf_9200_0000_ffff; // base 0, limit 4G, G, B, P, DPL0, read/write
+    [0, if long_mode { CODE64 } else { CODE32 }, DATA]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structures_sit_below_the_vga_hole_and_do_not_overlap() {
+        assert!(GDT_ADDR + 24 <= 0x1000, "the GDT ends below the default load address");
+        assert!(PML4_ADDR < PDPT_ADDR && PDPT_ADDR < PD_ADDR && PD_ADDR + 4096 == SYSTEM_END);
+        assert!(SYSTEM_END <= 0xa_0000);
+    }
+
+    #[test]
+    fn code_segments_differ_in_d_and_l() {
+        let (pm, lm) = (gdt(false)[1], gdt(true)[1]);
+        assert_ne!(pm & (1 << 54), 0, "D set in 32-bit code");
+        assert_ne!(lm & (1 << 53), 0, "L set in 64-bit code");
+        assert_eq!(lm & (1 << 54), 0, "D clear in 64-bit code");
+    }
+}
