@@ -35,16 +35,15 @@ pub fn gdt(long_mode: bool) -> [u64; 3] {
     [0, if long_mode { CODE64 } else { CODE32 }, DATA]
 }
 
+// The structures sit below the VGA hole, do not overlap, and the GDT ends
+// below the default load address (0x1000): checked when compiling.
+const _: () = assert!(GDT_ADDR + 24 <= 0x1000);
+const _: () = assert!(PML4_ADDR < PDPT_ADDR && PDPT_ADDR < PD_ADDR && PD_ADDR + 4096 == SYSTEM_END);
+const _: () = assert!(SYSTEM_END <= 0xa_0000);
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn structures_sit_below_the_vga_hole_and_do_not_overlap() {
-        assert!(GDT_ADDR + 24 <= 0x1000, "the GDT ends below the default load address");
-        assert!(PML4_ADDR < PDPT_ADDR && PDPT_ADDR < PD_ADDR && PD_ADDR + 4096 == SYSTEM_END);
-        assert!(SYSTEM_END <= 0xa_0000);
-    }
 
     #[test]
     fn code_segments_differ_in_d_and_l() {

@@ -76,7 +76,7 @@ impl Ept {
             SIZE_2M => 1,
             _ => return Err(EptError::Misaligned),
         };
-        if gpa % size != 0 || hpa % size != 0 || gpa >> 48 != 0 || hpa & !ADDR_MASK != 0 {
+        if !gpa.is_multiple_of(size) || !hpa.is_multiple_of(size) || gpa >> 48 != 0 || hpa & !ADDR_MASK != 0 {
             return Err(EptError::Misaligned);
         }
         let mut table = self.pml4;
@@ -184,8 +184,8 @@ pub fn plan_mappings<E>(
     while i < npages {
         let g = gpa + i * SIZE_4K;
         let h = hpa_of(i);
-        let large = g % SIZE_2M == 0
-            && h % SIZE_2M == 0
+        let large = g.is_multiple_of(SIZE_2M)
+            && h.is_multiple_of(SIZE_2M)
             && i + per_2m <= npages
             && (1..per_2m).all(|k| hpa_of(i + k) == h + k * SIZE_4K);
         if large {

@@ -125,11 +125,11 @@ impl SlotTable {
         }
         let as_id = req.slot >> 16;
         let id = req.slot as u16;
-        if req.memory_size % PAGE_SIZE != 0 || req.guest_phys_addr % PAGE_SIZE != 0 {
+        if !req.memory_size.is_multiple_of(PAGE_SIZE) || !req.guest_phys_addr.is_multiple_of(PAGE_SIZE) {
             return Err(Invalid);
         }
         match req.userspace_addr.checked_add(req.memory_size) {
-            Some(end) if req.userspace_addr % PAGE_SIZE == 0 && end <= user_limit => {}
+            Some(end) if req.userspace_addr.is_multiple_of(PAGE_SIZE) && end <= user_limit => {}
             _ => return Err(Invalid),
         }
         if as_id != 0 || id >= MAX_SLOTS {
@@ -228,7 +228,7 @@ mod tests {
             req(1 << 16, 0, MIB, 0x1000),                           // address space 1 (SMM)
             req(u32::from(MAX_SLOTS), 0, MIB, 0x1000),              // id out of range
             req(0, 0, MIB, LIMIT),                                  // beyond user space
-            req(0, u64::MAX & !0xfff, 2 * PAGE_SIZE, 0x1000),       // gpa wraps around
+            req(0, !0xfff, 2 * PAGE_SIZE, 0x1000),       // gpa wraps around
             req(0, 0, 1 << 44, 0x1000),                             // more than 2^31-1 pages
         ] {
             assert_eq!(SlotTable::default().plan(&bad, LIMIT), Err(SlotError::Invalid), "{bad:?}");
