@@ -155,6 +155,87 @@ pub fn triple_fault_real() -> Payload {
     Payload { name: "triple-fault-real.bin", image: build().expect("triple-fault-real assembles") }
 }
 
+/// Emits the subroutine `print_hex` at `label`: prints EAX on COM1 as 8 hex
+/// digits and a newline; clobbers EBX, CX, DX. 16-bit code.
+fn emit_print_hex(a: &mut CodeAssembler, label: &mut CodeLabel) -> Result<(), IcedError> {
+    let mut digit = a.create_label();
+    let mut decimal = a.create_label();
+    a.set_label(label)?;
+    a.mov(cx, 8u32)?;
+    a.mov(dx, u32::from(SERIAL_PORT))?;
+    a.set_label(&mut digit)?;
+    a.rol(eax, 4u32)?;
+    a.mov(ebx, eax)?;
+    a.and(bl, 0xfu32)?;
+    a.add(bl, u32::from(b'0'))?;
+    a.cmp(bl, u32::from(b'9'))?;
+    a.jbe(decimal)?;
+    a.add(bl, 7u32)?;
+    a.set_label(&mut decimal)?;
+    a.push(eax)?;
+    a.mov(al, bl)?;
+    a.out(dx, al)?;
+    a.pop(eax)?;
+    a.dec(cx)?;
+    a.jnz(digit)?;
+    a.mov(al, u32::from(b'\n'))?;
+    a.out(dx, al)?;
+    a.ret()
+}
+
+/// A benchmark: runs `body` (which may clobber EAX, EBX, ECX, EDX) `count`
+/// times between two RDTSCs and prints the average TSC ticks per
+/// iteration as 8 hex digits. Real mode.
+fn tsc_benchmark(
+    name: &'static str,
+    count: u32,
+    body: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut print_hex = a.create_label();
+        let mut again = a.create_label();
+        real_mode_stack(&mut a)?;
+        a.rdtsc()?;
+        a.mov(esi, eax)?;
+        a.mov(edi, count)?;
+        a.set_label(&mut again)?;
+        body(&mut a)?;
+        a.dec(edi)?;
+        a.jnz(again)?;
+        a.rdtsc()?;
+        a.sub(eax, esi)?;
+        a.xor(edx, edx)?;
+        a.mov(ecx, count)?;
+        a.div(ecx)?;
+        a.call(print_hex)?;
+        a.cli()?;
+        a.hlt()?;
+        emit_print_hex(&mut a, &mut print_hex)?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name, image: build().expect("benchmark assembles") }
+}
+
+/// `bench-cpuid-real.bin`: TSC ticks per CPUID (an exit handled in the
+/// kernel), averaged over 1000, printed in hex.
+pub fn bench_cpuid_real() -> Payload {
+    tsc_benchmark("bench-cpuid-real.bin", 1000, |a| {
+        a.xor(eax, eax)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()
+    })
+}
+
+/// `bench-pio-real.bin`: TSC ticks per OUT to an unclaimed port (an exit to
+/// the VMM and back through KVM_RUN), averaged over 200, printed in hex.
+pub fn bench_pio_real() -> Payload {
+    tsc_benchmark("bench-pio-real.bin", 200, |a| {
+        a.mov(dx, 0x80u32)?;
+        a.out(dx, al)
+    })
+}
+
 /// `io-real.bin`: real mode, port I/O of every size in both directions:
 /// IN of 1, 2 and 4 bytes from an unclaimed port (0x80, all ones) and from
 /// the UART's line status register (0x3fd), OUT of 1, 2 and 4 bytes to
@@ -164,8 +245,6 @@ pub fn io_real() -> Payload {
     let build = || -> Result<Vec<u8>, IcedError> {
         let mut a = CodeAssembler::new(16)?;
         let mut print_hex = a.create_label();
-        let mut digit = a.create_label();
-        let mut decimal = a.create_label();
         real_mode_stack(&mut a)?;
         for (port, width) in [(0x80u32, 1), (0x80, 2), (0x80, 4), (0x3fd, 1)] {
             a.mov(dx, port)?;
@@ -189,29 +268,7 @@ pub fn io_real() -> Payload {
         a.out(dx, eax)?;
         a.cli()?;
         a.hlt()?;
-        // print_hex: EAX as 8 hex digits and '\n' on COM1; clobbers EBX,
-        // CX, DX.
-        a.set_label(&mut print_hex)?;
-        a.mov(cx, 8u32)?;
-        a.mov(dx, u32::from(SERIAL_PORT))?;
-        a.set_label(&mut digit)?;
-        a.rol(eax, 4u32)?;
-        a.mov(ebx, eax)?;
-        a.and(bl, 0xfu32)?;
-        a.add(bl, u32::from(b'0'))?;
-        a.cmp(bl, u32::from(b'9'))?;
-        a.jbe(decimal)?;
-        a.add(bl, 7u32)?;
-        a.set_label(&mut decimal)?;
-        a.push(eax)?;
-        a.mov(al, bl)?;
-        a.out(dx, al)?;
-        a.pop(eax)?;
-        a.dec(cx)?;
-        a.jnz(digit)?;
-        a.mov(al, u32::from(b'\n'))?;
-        a.out(dx, al)?;
-        a.ret()?;
+        emit_print_hex(&mut a, &mut print_hex)?;
         a.assemble(REAL_MODE_LOAD)
     };
     Payload { name: "io-real.bin", image: build().expect("io-real assembles") }
@@ -274,6 +331,8 @@ pub fn all() -> Vec<Payload> {
         hello_protected(),
         hello_long(),
         cpuid_real(),
+        bench_cpuid_real(),
+        bench_pio_real(),
     ]
 }
 
