@@ -41,6 +41,7 @@ plain_abi_structs!(
     kvm_dtable,
     kvm_userspace_memory_region,
     kvm_cpuid_entry2,
+    kvm_fpu,
 );
 
 // The layouts the ABI fixes, checked against kvm-bindings by the host tests
@@ -54,4 +55,5 @@ const _: () = {
     assert!(size_of::<kvm_userspace_memory_region>() == layout::KVM_USERSPACE_MEMORY_REGION);
     assert!(size_of::<kvm_run>() == layout::KVM_RUN);
     assert!(size_of::<kvm_cpuid_entry2>() == 40);
+    assert!(size_of::<kvm_fpu>() == 416);
 };

@@ -21,6 +21,7 @@ mod cpuid;
 mod dev;
 mod exit;
 mod file;
+mod fpu;
 mod glue;
 mod kvm_abi;
 mod memory;

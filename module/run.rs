@@ -89,8 +89,9 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid } = state;
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu } = state;
         let mut loaded = vmcs.load(&cpu)?;
+        let guest_fpu = crate::fpu::GuestFpu::load(fpu);
         let first_run = *dirty;
         let result = (|| -> Result<Stop> {
             gs::write_controls(&mut loaded, &self.vm, gs::long_mode(sregs))?;
@@ -114,6 +115,7 @@ impl Vcpu {
         // Save what the guest changed, whatever happened.
         *regs = gs::read_regs(&loaded, gprs);
         *sregs = gs::read_sregs(&loaded, sregs);
+        drop(guest_fpu);
         drop(loaded);
         cpu.restore_host_segments(&host);
         result

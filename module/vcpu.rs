@@ -6,7 +6,7 @@
 //! Context: ioctls run in the VMM's process context and may sleep; the
 //! vCPU's mutex serializes them, as KVM's `vcpu->mutex` does.
 
-use kernel::alloc::KVec;
+use kernel::alloc::{KBox, KVec};
 use kernel::bindings;
 use kernel::c_str;
 use kernel::error::{
@@ -22,6 +22,7 @@ use kernel::uaccess::UserSlice;
 use rkvm_core::cpu_state::ControlState;
 
 use crate::file::{self, FileObject, FileOps};
+use crate::fpu::FxArea;
 use crate::glue;
 use crate::kvm_abi::*;
 use crate::mm::Page;
@@ -65,6 +66,8 @@ pub(crate) struct VcpuState {
     pub(crate) cr8: u64,
     /// The guest's CPUID, from KVM_SET_CPUID2.
     pub(crate) cpuid: KVec<rkvm_core::cpuid::Entry>,
+    /// The guest's x87/SSE registers.
+    pub(crate) fpu: KBox<FxArea>,
 }
 
 /// A vCPU.
@@ -135,6 +138,7 @@ impl Vcpu {
             pending_in: None,
             cr8: 0,
             cpuid: KVec::new(),
+            fpu: KBox::new(FxArea::reset(), GFP_KERNEL)?,
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),
@@ -186,6 +190,13 @@ impl FileObject for Vcpu {
             }
             KVM_GET_SREGS => Self::get(arg, &this.state.lock().sregs),
             KVM_SET_SREGS => this.set_sregs(arg),
+            KVM_GET_FPU => Self::get(arg, &this.state.lock().fpu.to_kvm()),
+            KVM_SET_FPU => {
+                let fpu: kvm_fpu = Self::read(arg)?;
+                let area = FxArea::from_kvm(&fpu)?;
+                *this.state.lock().fpu = area;
+                Ok(0)
+            }
             KVM_SET_CPUID2 => {
                 let table = crate::cpuid::read_table(arg)?;
                 this.state.lock().cpuid = table;
