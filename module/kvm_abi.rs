@@ -42,6 +42,7 @@ plain_abi_structs!(
     kvm_userspace_memory_region,
     kvm_cpuid_entry2,
     kvm_fpu,
+    kvm_msr_entry,
 );
 
 // The layouts the ABI fixes, checked against kvm-bindings by the host tests
@@ -56,4 +57,5 @@ const _: () = {
     assert!(size_of::<kvm_run>() == layout::KVM_RUN);
     assert!(size_of::<kvm_cpuid_entry2>() == 40);
     assert!(size_of::<kvm_fpu>() == 416);
+    assert!(size_of::<kvm_msr_entry>() == 16);
 };

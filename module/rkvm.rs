@@ -26,6 +26,7 @@ mod glue;
 mod kvm_abi;
 mod memory;
 mod mm;
+mod msrs;
 mod run;
 mod vcpu;
 mod vm;

@@ -89,13 +89,14 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu } = state;
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs } = state;
         let mut loaded = vmcs.load(&cpu)?;
         let guest_fpu = crate::fpu::GuestFpu::load(fpu);
         let first_run = *dirty;
         let result = (|| -> Result<Stop> {
             gs::write_controls(&mut loaded, &self.vm, gs::long_mode(sregs))?;
             gs::write_host(&mut loaded, &host)?;
+            gs::write_msrs(&mut loaded, &self.vm, msrs)?;
             if *dirty {
                 gs::write_regs(&mut loaded, regs, gprs)?;
                 gs::write_sregs(&mut loaded, sregs)?;
@@ -110,7 +111,7 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, &cpu)
+            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, &cpu)
         })();
         // Save what the guest changed, whatever happened.
         *regs = gs::read_regs(&loaded, gprs);
@@ -129,6 +130,7 @@ impl Vcpu {
         pending_in: &mut Option<crate::vcpu::PendingIn>,
         cr8: &mut u64,
         cpuid: &[rkvm_core::cpuid::Entry],
+        msrs: &mut crate::msrs::GuestMsrs,
         cpu: &PreemptDisabled,
     ) -> Result<Stop> {
         let run = run_struct(self);
@@ -168,6 +170,8 @@ impl Vcpu {
                     pending_in: &mut *pending_in,
                     cr8: &mut *cr8,
                     cpuid,
+                    msrs: &mut *msrs,
+                    apic_base: sregs.apic_base,
                 })?,
                 EntryResult::FailInvalid | EntryResult::FailValid => {
                     let error = vmcs.read(ro::VM_INSTRUCTION_ERROR);

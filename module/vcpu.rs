@@ -23,6 +23,7 @@ use rkvm_core::cpu_state::ControlState;
 
 use crate::file::{self, FileObject, FileOps};
 use crate::fpu::FxArea;
+use crate::msrs::{self, GuestMsrs};
 use crate::glue;
 use crate::kvm_abi::*;
 use crate::mm::Page;
@@ -68,6 +69,8 @@ pub(crate) struct VcpuState {
     pub(crate) cpuid: KVec<rkvm_core::cpuid::Entry>,
     /// The guest's x87/SSE registers.
     pub(crate) fpu: KBox<FxArea>,
+    /// MSRs kept per vCPU (see msrs.rs).
+    pub(crate) msrs: GuestMsrs,
 }
 
 /// A vCPU.
@@ -139,6 +142,7 @@ impl Vcpu {
             cr8: 0,
             cpuid: KVec::new(),
             fpu: KBox::new(FxArea::reset(), GFP_KERNEL)?,
+            msrs: GuestMsrs::default(),
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),
@@ -173,6 +177,43 @@ impl Vcpu {
     }
 }
 
+/// The most entries one KVM_GET_MSRS/KVM_SET_MSRS may carry (KVM's
+/// KVM_MAX_MSR_ENTRIES).
+const MAX_MSR_ENTRIES: u32 = 256;
+
+impl Vcpu {
+    /// KVM_GET_MSRS (`set` false) or KVM_SET_MSRS: `struct kvm_msrs`, a
+    /// count then entries. Returns how many MSRs were processed: processing
+    /// stops at the first unknown MSR or refused value, as in KVM.
+    fn msr_ioctl(&self, arg: usize, set: bool) -> Result<isize> {
+        let nmsrs: u32 = UserSlice::new(arg, 4).reader().read()?;
+        if nmsrs > MAX_MSR_ENTRIES {
+            return Err(kernel::error::code::E2BIG);
+        }
+        let entry_size = core::mem::size_of::<kvm_msr_entry>();
+        let mut reader = UserSlice::new(arg, 8 + nmsrs as usize * entry_size).reader();
+        reader.skip(8)?;
+        let mut state = self.state.lock();
+        let VcpuState { msrs: kept, sregs, dirty, .. } = &mut *state;
+        let mut done = 0;
+        for i in 0..nmsrs as usize {
+            let mut entry: kvm_msr_entry = reader.read()?;
+            if set {
+                if !msrs::set(kept, sregs, entry.index, entry.data) {
+                    break;
+                }
+                *dirty = true;
+            } else {
+                let Some(value) = msrs::get(kept, sregs, entry.index) else { break };
+                entry.data = value;
+                UserSlice::new(arg + 8 + i * entry_size, entry_size).writer().write(&entry)?;
+            }
+            done += 1;
+        }
+        Ok(done)
+    }
+}
+
 impl FileObject for Vcpu {
     const NAME: &'static CStr = c_str!("kvm-vcpu");
 
@@ -190,6 +231,8 @@ impl FileObject for Vcpu {
             }
             KVM_GET_SREGS => Self::get(arg, &this.state.lock().sregs),
             KVM_SET_SREGS => this.set_sregs(arg),
+            KVM_GET_MSRS => this.msr_ioctl(arg, false),
+            KVM_SET_MSRS => this.msr_ioctl(arg, true),
             KVM_GET_FPU => Self::get(arg, &this.state.lock().fpu.to_kvm()),
             KVM_SET_FPU => {
                 let fpu: kvm_fpu = Self::read(arg)?;

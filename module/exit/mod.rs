@@ -41,6 +41,10 @@ pub(crate) struct ExitContext<'a, 'v> {
     pub(crate) cr8: &'a mut u64,
     /// The guest's CPUID table.
     pub(crate) cpuid: &'a [rkvm_core::cpuid::Entry],
+    /// MSRs kept per vCPU.
+    pub(crate) msrs: &'a mut crate::msrs::GuestMsrs,
+    /// IA32_APIC_BASE (read-only to the guest until the APIC is emulated).
+    pub(crate) apic_base: u64,
 }
 
 impl ExitContext<'_, '_> {

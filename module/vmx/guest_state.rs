@@ -223,10 +223,6 @@ pub(crate) fn write_sregs(vmcs: &mut LoadedVmcs<'_>, s: &kvm_sregs) -> Result {
 pub(crate) fn write_reset_extras(vmcs: &mut LoadedVmcs<'_>) -> Result {
     vmcs.write(guest::DR7, 0x400)?;
     vmcs.write(guest::IA32_DEBUGCTL_FULL, 0)?;
-    vmcs.write(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406)?;
-    vmcs.write(guest::IA32_SYSENTER_CS, 0)?;
-    vmcs.write(guest::IA32_SYSENTER_ESP, 0)?;
-    vmcs.write(guest::IA32_SYSENTER_EIP, 0)?;
     vmcs.write(guest::INTERRUPTIBILITY_STATE, 0)?;
     vmcs.write(guest::ACTIVITY_STATE, 0)?;
     vmcs.write(guest::PENDING_DBG_EXCEPTIONS, 0)?;
@@ -254,6 +250,19 @@ pub(crate) fn read_sregs(vmcs: &LoadedVmcs<'_>, old: &kvm_sregs) -> kvm_sregs {
         efer: vmcs.read(guest::IA32_EFER_FULL),
         ..*old
     }
+}
+
+/// Copies the MSRs the CPU loads at entry from the per-vCPU copies, and the
+/// TSC offset (when the CPU offsets the TSC).
+pub(crate) fn write_msrs(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, m: &crate::msrs::GuestMsrs) -> Result {
+    vmcs.write(guest::IA32_PAT_FULL, m.pat)?;
+    vmcs.write(guest::IA32_SYSENTER_CS, m.sysenter_cs)?;
+    vmcs.write(guest::IA32_SYSENTER_ESP, m.sysenter_esp)?;
+    vmcs.write(guest::IA32_SYSENTER_EIP, m.sysenter_eip)?;
+    if vm.controls().tsc_offsetting() {
+        vmcs.write(control::TSC_OFFSET_FULL, m.tsc_offset)?;
+    }
+    Ok(())
 }
 
 /// Whether the guest is in IA-32e mode (EFER.LMA).

@@ -50,7 +50,8 @@ impl Controls {
     /// - processor-based: exit on HLT, on every I/O instruction, on MOV CR8
     ///   (no TPR shadow: a guest must not reach the host's TPR), on MOV DR,
     ///   RDPMC, MONITOR and MWAIT; no MSR bitmap, so every RDMSR/WRMSR exits;
-    ///   secondary controls on;
+    ///   secondary controls on; TSC offsetting where available (the guest's
+    ///   TSC is writable without RDTSC exits);
     /// - secondary: EPT and unrestricted guest (real mode and unpaged
     ///   protected mode run natively); RDTSCP if the CPU has it;
     /// - exit: 64-bit host, save/load IA32_EFER and IA32_PAT;
@@ -79,7 +80,7 @@ impl Controls {
                 | PrimaryControls::MWAIT_EXITING
                 | PrimaryControls::SECONDARY_CONTROLS)
                 .bits(),
-            0,
+            PrimaryControls::USE_TSC_OFFSETTING.bits(),
         )?;
         // CR3 load/store exiting may be 0 with EPT (A.3.2, TRUE controls):
         // the adjust above keeps them only if the CPU forces them.
@@ -107,6 +108,11 @@ impl Controls {
             0,
         )?;
         Ok(Self { pinbased, procbased, procbased2, exit, entry })
+    }
+
+    /// Whether RDTSC and the TSC MSR are offset by the VMCS TSC offset.
+    pub fn tsc_offsetting(&self) -> bool {
+        self.procbased & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0
     }
 
     /// Whether the VMX-preemption timer is on.
@@ -156,6 +162,7 @@ mod tests {
         assert_eq!(c.procbased & PrimaryControls::CR3_LOAD_EXITING.bits(), 0);
         assert_eq!(c.exit & ExitControls::ACK_INTERRUPT_ON_EXIT.bits(), 0);
         assert!(c.preemption_timer(), "Bochs has the preemption timer");
+        assert!(c.tsc_offsetting());
     }
 
     #[test]

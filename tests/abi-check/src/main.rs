@@ -253,6 +253,56 @@ fn fpu_checks(c: &mut Checks, kvm: &Kvm) {
             r.is_ok() || r.as_ref().is_err_and(|e| e.errno() == libc::EINVAL), format!("{r:?}"));
 }
 
+fn msr_list(entries: &[(u32, u64)]) -> kvm_bindings::Msrs {
+    let e: Vec<kvm_bindings::kvm_msr_entry> = entries
+        .iter()
+        .map(|&(index, data)| kvm_bindings::kvm_msr_entry { index, data, ..Default::default() })
+        .collect();
+    kvm_bindings::Msrs::from_entries(&e).expect("a short MSR list")
+}
+
+/// KVM_GET_MSRS and KVM_SET_MSRS for the MSRs a guest boot needs: values
+/// round-trip, processing stops at the first unknown MSR or bad value and
+/// the count says so, and the TSC is accepted.
+fn msr_checks(c: &mut Checks, kvm: &Kvm) {
+    const STAR: u32 = 0xc000_0081;
+    const LSTAR: u32 = 0xc000_0082;
+    const SFMASK: u32 = 0xc000_0084;
+    const KERNEL_GS_BASE: u32 = 0xc000_0102;
+    const SYSENTER_CS: u32 = 0x174;
+    const PAT: u32 = 0x277;
+    const TSC: u32 = 0x10;
+    const UNKNOWN: u32 = 0x4b56_4d99; // in KVM's paravirtual range, unassigned
+    let Some(vm) = c.success("KVM_CREATE_VM for MSR checks", kvm.create_vm()) else { return };
+    let Some(vcpu) = c.success("KVM_CREATE_VCPU for MSR checks", vm.create_vcpu(0)) else { return };
+    let values = [
+        (STAR, 0x0023_0010_0000_0000),
+        (LSTAR, 0xffff_ffff_8100_0000),
+        (SFMASK, 0x4_7700),
+        (KERNEL_GS_BASE, 0x7fff_0000_1000),
+        (SYSENTER_CS, 0x10),
+        (PAT, 0x0007_0406_0007_0406),
+    ];
+    let set = vcpu.set_msrs(&msr_list(&values));
+    c.check("KVM_SET_MSRS sets STAR, LSTAR, SFMASK, KERNEL_GS_BASE, SYSENTER_CS, PAT",
+            matches!(set, Ok(6)), format!("{set:?}"));
+    let mut back = msr_list(&values.map(|(i, _)| (i, 0)));
+    let got = vcpu.get_msrs(&mut back);
+    c.check("KVM_GET_MSRS returns them",
+            matches!(got, Ok(6)) && back.as_slice().iter().zip(values).all(|(e, (_, v))| e.data == v),
+            format!("{got:?} {:x?}", back.as_slice().iter().map(|e| e.data).collect::<Vec<_>>()));
+    let partial = vcpu.set_msrs(&msr_list(&[(STAR, 1), (UNKNOWN, 2), (LSTAR, 3)]));
+    c.check("KVM_SET_MSRS stops at an unknown MSR and counts what it set", matches!(partial, Ok(1)),
+            format!("{partial:?}"));
+    let set_tsc = vcpu.set_msrs(&msr_list(&[(TSC, 1 << 40)]));
+    let mut tsc = msr_list(&[(TSC, 0)]);
+    let got = vcpu.get_msrs(&mut tsc);
+    // KVM may adjust a host-written TSC (its TSC synchronization), so only
+    // the ioctls' answers are compared here.
+    c.check("KVM_SET_MSRS and KVM_GET_MSRS take the TSC", matches!(set_tsc, Ok(1)) && matches!(got, Ok(1)),
+            format!("{set_tsc:?} {got:?}"));
+}
+
 /// `_IOR(KVMIO, 0x81, struct kvm_regs)`.
 fn kvm_get_regs_nr() -> u32 {
     (2 << 30) | ((std::mem::size_of::<kvm_bindings::kvm_regs>() as u32) << 16) | (0xae << 8) | 0x81
@@ -302,6 +352,7 @@ fn main() -> ExitCode {
     memory_slot_checks(&mut c, &kvm);
     vcpu_checks(&mut c, &kvm);
     fpu_checks(&mut c, &kvm);
+    msr_checks(&mut c, &kvm);
     println!("{} passed, {} failed", c.passed, c.failed);
     if c.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -320,6 +320,37 @@ pub fn cpuid_real() -> Payload {
     Payload { name: "cpuid-real.bin", image: build().expect("cpuid-real assembles") }
 }
 
+/// `msr-real.bin`: real mode, WRMSR of IA32_STAR then RDMSR of it, and
+/// RDMSR of IA32_EFER; prints EDX and EAX of STAR and EAX of EFER in hex:
+/// "9ABCDEF0", "12345678", "00000000". Then `cli; hlt`.
+pub fn msr_real() -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut print_hex = a.create_label();
+        real_mode_stack(&mut a)?;
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.mov(eax, 0x1234_5678u32)?;
+        a.mov(edx, 0x9abc_def0u32)?;
+        a.wrmsr()?;
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.rdmsr()?;
+        a.push(eax)?;
+        a.mov(eax, edx)?;
+        a.call(print_hex)?;
+        a.pop(eax)?;
+        a.call(print_hex)?;
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.call(print_hex)?;
+        a.cli()?;
+        a.hlt()?;
+        emit_print_hex(&mut a, &mut print_hex)?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name: "msr-real.bin", image: build().expect("msr-real assembles") }
+}
+
 /// Every payload, for writing them all out.
 pub fn all() -> Vec<Payload> {
     vec![
@@ -331,6 +362,7 @@ pub fn all() -> Vec<Payload> {
         hello_protected(),
         hello_long(),
         cpuid_real(),
+        msr_real(),
         bench_cpuid_real(),
         bench_pio_real(),
     ]
