@@ -1,4 +1,4 @@
-//! `rkvm-abi-check --dev PATH [--dump-reset-state]`
+//! `rkvm-abi-check --dev PATH [--with-invalid-state] [--dump-reset-state]`
 //!
 //! Exercises the KVM ioctls that rkvm implements with valid and hostile
 //! input, and checks every answer against KVM's documented behaviour
@@ -6,6 +6,10 @@
 //! pass on /dev/kvm, which is how the checker itself is tested. Prints
 //! "ok - ..." / "not ok - ..." lines and "N passed, M failed"; exits 1 if any
 //! check failed.
+//!
+//! `--with-invalid-state` adds a guest the CPU refuses to enter (KVM without
+//! unrestricted guest emulates it instead, so the testbed asks for this
+//! check, the host tests do not).
 //!
 //! `--dump-reset-state` prints a new vCPU's registers instead, so that the
 //! testbed can compare /dev/rkvm with /dev/kvm line by line.
@@ -303,6 +307,28 @@ fn msr_checks(c: &mut Checks, kvm: &Kvm) {
             format!("{set_tsc:?} {got:?}"));
 }
 
+/// A state the CPU refuses at VM entry (TR with a non-TSS type: SDM Vol.
+/// 3C, 27.3.1.2) becomes KVM_EXIT_FAIL_ENTRY with the exit reason "VM-entry
+/// failure due to invalid guest state" (0x80000021).
+fn fail_entry_checks(c: &mut Checks, kvm: &Kvm) {
+    let mem = Mapping::new(1 << 20);
+    let Some(vm) = c.success("KVM_CREATE_VM for an invalid guest state", kvm.create_vm()) else { return };
+    if c.success("a slot for it", set_region(&vm, region(0, 0, 1 << 20, mem.hva(), 0))).is_none() {
+        return;
+    }
+    let Some(mut vcpu) = c.success("its vCPU", vm.create_vcpu(0)) else { return };
+    let mut sregs = vcpu.get_sregs().unwrap_or_default();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.tr.type_ = 1; // an available 16-bit TSS: TR must be busy
+    c.success("KVM_SET_SREGS with a TR the CPU refuses", vcpu.set_sregs(&sregs));
+    let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
+    c.success("KVM_SET_REGS", vcpu.set_regs(&regs));
+    let exit = vcpu.run().map(|e| format!("{e:x?}"));
+    c.check("KVM_RUN reports KVM_EXIT_FAIL_ENTRY with reason 0x80000021",
+            exit.as_deref().is_ok_and(|e| e.starts_with("FailEntry(80000021")), format!("{exit:?}"));
+}
+
 /// `_IOR(KVMIO, 0x81, struct kvm_regs)`.
 fn kvm_get_regs_nr() -> u32 {
     (2 << 30) | ((std::mem::size_of::<kvm_bindings::kvm_regs>() as u32) << 16) | (0xae << 8) | 0x81
@@ -353,6 +379,9 @@ fn main() -> ExitCode {
     vcpu_checks(&mut c, &kvm);
     fpu_checks(&mut c, &kvm);
     msr_checks(&mut c, &kvm);
+    if args.iter().any(|a| a == "--with-invalid-state") {
+        fail_entry_checks(&mut c, &kvm);
+    }
     println!("{} passed, {} failed", c.passed, c.failed);
     if c.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
