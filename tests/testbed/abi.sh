@@ -12,13 +12,16 @@ unload_all() {
 }
 
 abi_checks_pass_on() {
-    rkvm-abi-check --dev "$1" --with-invalid-state | tee /tmp/abi-$2.out
+    status=0
+    rkvm-abi-check --dev "$1" --with-invalid-state $3 > /tmp/abi-$2.out || status=$?
+    cat /tmp/abi-$2.out
+    return $status
 }
 
 on_rkvm() {
     unload_all
     modprobe rkvm
-    abi_checks_pass_on /dev/rkvm rkvm
+    abi_checks_pass_on /dev/rkvm rkvm --rkvm
     rkvm-abi-check --dev /dev/rkvm --dump-reset-state > /tmp/reset-rkvm.out
     rmmod rkvm
 }

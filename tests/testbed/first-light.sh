@@ -19,8 +19,9 @@ unload_all() {
 run_all() {
     for pm in $PAYLOADS; do
         p=${pm%%:*}
-        rkvm run --dev "$1" --mode "${pm##*:}" "/payloads/$p.bin" > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err"
-        echo "exit status $?" >> "/tmp/$2-$p.out"
+        status=0
+        rkvm run --dev "$1" --mode "${pm##*:}" "/payloads/$p.bin" > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err" || status=$?
+        echo "exit status $status" >> "/tmp/$2-$p.out"
         sed 's/^/    /' "/tmp/$2-$p.out" "/tmp/$2-$p.err"
     done
 }
@@ -115,8 +116,9 @@ two_vms_at_once() {
 hundred_vms_created_and_destroyed() {
     i=0
     while [ $i -lt 100 ]; do
-        rkvm run --dev /dev/rkvm /payloads/exit-status-real.bin > /dev/null
-        [ $? -eq 67 ] || { echo "run $i failed"; return 1; }
+        status=0
+        rkvm run --dev /dev/rkvm /payloads/exit-status-real.bin > /dev/null || status=$?
+        [ $status -eq 67 ] || { echo "run $i exited $status"; return 1; }
         i=$((i + 1))
     done
 }

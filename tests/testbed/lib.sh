@@ -5,11 +5,16 @@
 PASSED=0
 FAILED=0
 
-# check NAME FUNCTION [ARGS...]
+# check NAME FUNCTION [ARGS...]: FUNCTION runs in a subshell with `set -e`,
+# so any failing command fails the check. (The subshell must not be an `if`
+# condition: there the shell ignores `set -e` and only the last command
+# would count.)
 check() {
     name=$1
     shift
-    if ( set -e; "$@" ) >/tmp/check.out 2>&1; then
+    ( set -e; "$@" ) >/tmp/check.out 2>&1
+    status=$?
+    if [ $status -eq 0 ]; then
         PASSED=$((PASSED + 1))
         echo "ok - $name"
     else
