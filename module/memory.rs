@@ -184,6 +184,16 @@ impl GuestMemory {
     }
 }
 
+impl GuestMemory {
+    /// The direct-map address of the pinned page backing guest frame `gfn`
+    /// of `slot`.
+    pub(crate) fn page(&self, slot: &Slot, gfn: u64) -> Option<*mut u8> {
+        let pinned = self.pinned.get(usize::from(slot.id))?.as_ref()?;
+        let page = *pinned.pages.get((gfn - slot.base_gfn) as usize)?;
+        Some(glue::phys_to_virt(glue::page_to_phys(page)))
+    }
+}
+
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         if let Some(ept) = self.ept.take() {

@@ -37,6 +37,8 @@ enum Stop {
     ToUser,
     /// The scheduler or a signal wants this thread: leave, then come back.
     Yield,
+    /// An exit that needs guest memory: finish it outside the atomic part.
+    Slow(exit::slow::SlowExit),
 }
 
 fn read_cr2() -> u64 {
@@ -66,6 +68,7 @@ impl Vcpu {
         // write it at any time: fields are read once, as untrusted values.
         let immediate_exit = unsafe { core::ptr::read_volatile(&(*run).immediate_exit) };
         exit::io::complete_pending_in(self, &mut state);
+        exit::slow::complete_string_in(self, &mut state)?;
         if immediate_exit != 0 {
             // SAFETY: as above; writing our own page.
             unsafe { (*run).exit_reason = KVM_EXIT_INTR };
@@ -80,6 +83,10 @@ impl Vcpu {
             match self.run_on_this_cpu(&mut state)? {
                 Stop::ToUser => return Ok(0),
                 Stop::Yield => glue::cond_resched(),
+                Stop::Slow(slow) => {
+                    exit::slow::handle(self, &mut state, slow)?;
+                    return Ok(0);
+                }
             }
         }
     }
@@ -89,7 +96,7 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs } = state;
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, .. } = state;
         let mut loaded = vmcs.load(&cpu)?;
         let guest_fpu = crate::fpu::GuestFpu::load(fpu);
         let first_run = *dirty;
@@ -185,8 +192,10 @@ impl Vcpu {
                     ExitAction::ToUser
                 }
             };
-            if let ExitAction::ToUser = action {
-                return Ok(Stop::ToUser);
+            match action {
+                ExitAction::ToUser => return Ok(Stop::ToUser),
+                ExitAction::Slow(slow) => return Ok(Stop::Slow(slow)),
+                ExitAction::Resume => {}
             }
             if cpu.need_resched() || glue::signal_pending() {
                 return Ok(Stop::Yield);

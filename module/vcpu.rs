@@ -71,6 +71,8 @@ pub(crate) struct VcpuState {
     pub(crate) fpu: KBox<FxArea>,
     /// MSRs kept per vCPU (see msrs.rs).
     pub(crate) msrs: GuestMsrs,
+    /// Set by an INS exit: completed at the next KVM_RUN.
+    pub(crate) pending_string_in: Option<crate::exit::slow::PendingStringIn>,
 }
 
 /// A vCPU.
@@ -143,6 +145,7 @@ impl Vcpu {
             cpuid: KVec::new(),
             fpu: KBox::new(FxArea::reset(), GFP_KERNEL)?,
             msrs: GuestMsrs::default(),
+            pending_string_in: None,
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),

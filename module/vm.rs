@@ -12,6 +12,7 @@ use kernel::error::{
 };
 use kernel::new_mutex;
 use kernel::prelude::*;
+use kernel::sync::lock::{mutex::MutexBackend, Guard};
 use kernel::sync::{Arc, ArcBorrow, Mutex};
 use kernel::uaccess::UserSlice;
 
@@ -141,6 +142,12 @@ impl Vm {
         &self.controls
     }
 
+    /// Guest-physical memory, for exits that emulate an access; holds the
+    /// VM's mutex (so slots cannot change) until dropped. May sleep.
+    pub(crate) fn memory(&self) -> VmMemoryView<'_> {
+        VmMemoryView { state: self.state.lock() }
+    }
+
     /// The EPT pointer of this VM's memory.
     pub(crate) fn eptp(&self) -> u64 {
         self.eptp
@@ -160,6 +167,58 @@ impl Vm {
         }
         state.identity_map_addr = Some(addr);
         Ok(0)
+    }
+}
+
+/// Guest-physical memory of a VM, its slots locked.
+pub(crate) struct VmMemoryView<'a> {
+    state: Guard<'a, VmState, MutexBackend>,
+}
+
+impl VmMemoryView<'_> {
+    /// The kernel address of guest-physical `gpa` and how many bytes of its
+    /// page follow, or `EFAULT` outside every slot.
+    fn locate(&self, gpa: u64) -> Result<(*mut u8, usize)> {
+        let slot = self.state.slots.find(gpa >> 12).ok_or(kernel::error::code::EFAULT)?;
+        let page = self.state.memory.page(slot, gpa >> 12).ok_or(kernel::error::code::EFAULT)?;
+        let offset = (gpa & 0xfff) as usize;
+        // SAFETY: `page` is the direct-map address of a pinned page.
+        Ok((unsafe { page.add(offset) }, 4096 - offset))
+    }
+
+    /// Reads guest-physical memory.
+    ///
+    /// # Errors
+    /// `EFAULT` if any byte is outside guest RAM.
+    pub(crate) fn read(&mut self, mut gpa: u64, buf: &mut [u8]) -> Result {
+        let mut done = 0;
+        while done < buf.len() {
+            let (src, avail) = self.locate(gpa)?;
+            let n = avail.min(buf.len() - done);
+            // SAFETY: `src` has `avail` bytes of a pinned guest page; the
+            // guest may write them concurrently, which only changes values.
+            unsafe { core::ptr::copy_nonoverlapping(src, buf[done..].as_mut_ptr(), n) };
+            done += n;
+            gpa += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes guest-physical memory.
+    ///
+    /// # Errors
+    /// `EFAULT` if any byte is outside guest RAM.
+    pub(crate) fn write(&mut self, mut gpa: u64, buf: &[u8]) -> Result {
+        let mut done = 0;
+        while done < buf.len() {
+            let (dst, avail) = self.locate(gpa)?;
+            let n = avail.min(buf.len() - done);
+            // SAFETY: as in `read`; the page is pinned writable.
+            unsafe { core::ptr::copy_nonoverlapping(buf[done..].as_ptr(), dst, n) };
+            done += n;
+            gpa += n as u64;
+        }
+        Ok(())
     }
 }
 

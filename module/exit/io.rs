@@ -20,9 +20,20 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
         return ctx.inject_ud();
     };
     if io.string {
-        // INS/OUTS need guest memory access through the guest's page tables:
-        // not yet. Reported, never guessed.
-        return super::unexpected(ctx, rkvm_core::exit::ExitReason(rkvm_core::exit::reason::IO_INSTRUCTION.into()));
+        // INS/OUTS: the memory operand's guest-linear address and the
+        // address size are in the VMCS (SDM 28.2.1 and Table 28-8); the
+        // data moves through guest memory, outside this atomic section.
+        let info = ctx.vmcs.read(ro::VMEXIT_INSTRUCTION_INFO);
+        return Ok(ExitAction::Slow(super::slow::SlowExit::StringIo {
+            io,
+            linear: ctx.vmcs.read(ro::GUEST_LINEAR_ADDR),
+            address_bits: match (info >> 7) & 7 {
+                0 => 16,
+                1 => 32,
+                _ => 64,
+            },
+            instruction_len: ctx.vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
+        }));
     }
     let size = usize::from(io.size);
     let pio = ctx.vcpu.pio_page.as_ptr().cast_mut();

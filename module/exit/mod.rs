@@ -9,6 +9,7 @@
 pub(crate) mod cr;
 pub(crate) mod io;
 pub(crate) mod msr;
+pub(crate) mod slow;
 
 use kernel::error::Result;
 use x86::vmx::vmcs::{control, guest, ro};
@@ -28,6 +29,9 @@ pub(crate) enum ExitAction {
     Resume,
     /// Return from KVM_RUN; `kvm_run` says why.
     ToUser,
+    /// Needs guest memory, which may sleep: finished by `exit::slow` after
+    /// the VMCS is put away and preemption is back on.
+    Slow(slow::SlowExit),
 }
 
 /// Everything a handler may need.

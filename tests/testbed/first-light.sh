@@ -7,7 +7,7 @@
 
 # name:mode pairs.
 PAYLOADS="hello-real:real exit-status-real:real io-real:real triple-fault-real:real
-hello-protected:protected hello-long:long cpuid-real:real msr-real:real"
+hello-protected:protected hello-long:long cpuid-real:real msr-real:real string-io-real:real"
 
 unload_all() {
     rmmod rkvm 2>/dev/null || true
@@ -54,6 +54,10 @@ protected_and_long() {
     grep -qx 'Hello from protected mode!' /tmp/rkvm-hello-protected.out
     grep -qx 'Hello from long mode!' /tmp/rkvm-hello-long.out
     grep -qx 'exit status 0' /tmp/rkvm-hello-long.out
+}
+
+string_io() {
+    printf 'String I/O works\nFFFFFFFF\nFFFF0060\nit!\nexit status 0\n' | diff - /tmp/rkvm-string-io-real.out
 }
 
 msrs_in_the_guest() {
@@ -132,6 +136,7 @@ check "real-mode hello prints through COM1 and halts (exit 0)" hello_prints
 check "protected mode (GDT, flat segments) and long mode (paging, EFER.LMA) guests run" protected_and_long
 check "isa-debug-exit status 0x21 exits with 67" debug_exit_status
 check "WRMSR and RDMSR of STAR, RDMSR of EFER" msrs_in_the_guest
+check "REP OUTSB, REP INSB, INSW, and REP OUTSB backwards (DF=1)" string_io
 check "CPUID comes from KVM_SET_CPUID2's table: vendor passed through, VMX hidden, hypervisor bit set" cpuid_table
 check "IN and OUT of 1, 2 and 4 bytes" io_of_every_size
 check "a triple fault is a shutdown exit" triple_fault_is_a_shutdown

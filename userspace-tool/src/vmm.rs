@@ -206,13 +206,13 @@ fn enter_flat_mode(vcpu: &VcpuFd, mode: Mode, entry: u64, load: u64) -> Result<(
 fn run_loop(vcpu: &mut VcpuFd, bus: &mut PortBus, exit_status: &Cell<Option<u32>>) -> Result<u8> {
     loop {
         match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                bus.write(port, data);
+            Ok(VcpuExit::IoOut(..)) => {
+                for_each_io_element(vcpu, |port, element| bus.write(port, element));
                 if let Some(value) = exit_status.get() {
                     return Ok(DebugExit::exit_code(value));
                 }
             }
-            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            Ok(VcpuExit::IoIn(..)) => for_each_io_element(vcpu, |port, element| bus.read(port, element)),
             Ok(VcpuExit::Hlt) => {
                 let regs = vcpu.get_regs().context("KVM_GET_REGS failed")?;
                 if regs.rflags & RFLAGS_IF == 0 {
@@ -239,6 +239,29 @@ fn run_loop(vcpu: &mut VcpuFd, bus: &mut PortBus, exit_status: &Cell<Option<u32>
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => bail!("KVM_RUN failed: {e}"),
         }
+    }
+}
+
+/// Hands each element of the last KVM_EXIT_IO to `f`: one for IN and OUT,
+/// `count` for INS and OUTS (api.rst: `count` elements of `size` bytes at
+/// `data_offset` in the mmap'd area). kvm-ioctls' `VcpuExit` gives the data
+/// as one slice without the element size, so it is read from `kvm_run`.
+fn for_each_io_element(vcpu: &mut VcpuFd, mut f: impl FnMut(u16, &mut [u8])) {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the valid member.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+    let (size, count) = (usize::from(io.size), io.count as usize);
+    let Some(len) = size.checked_mul(count).filter(|&l| (io.data_offset as usize).checked_add(l).is_some_and(|end| end <= 2 * 4096)) else {
+        log::warn!("KVM_EXIT_IO with {count} elements of {size} bytes at {:#x}: ignored", io.data_offset);
+        return;
+    };
+    // SAFETY: the kernel put `count * size` bytes at `data_offset` inside the
+    // vCPU's mapping (KVM_GET_VCPU_MMAP_SIZE covers the PIO page; checked
+    // above against the two pages every KVM-like device maps); nothing else uses them until the next run.
+    let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+    for element in data.chunks_mut(size.max(1)) {
+        f(io.port, element);
     }
 }
 

@@ -24,6 +24,7 @@ pub mod fixed;
 pub mod memslot;
 pub mod msr;
 pub mod segment;
+pub mod walk;
 
 #[cfg(test)]
 mod testdata;

@@ -351,6 +351,63 @@ pub fn msr_real() -> Payload {
     Payload { name: "msr-real.bin", image: build().expect("msr-real assembles") }
 }
 
+/// Where `string-io-real.bin` keeps its data: the code is padded up to here.
+const STRING_IO_DATA: u64 = REAL_MODE_LOAD + 0x800;
+
+/// `string-io-real.bin`: real mode, string port I/O: REP OUTSB of a
+/// message to COM1; REP INSB of 4 bytes from an unclaimed port (all ones)
+/// and INSW from the UART's line status register into memory, printed in
+/// hex ("FFFFFFFF", then "FFFF0060": the word replaced the low half); REP
+/// OUTSB with DF=1 from the end of "\n!ti" prints "it!\n". Then `cli; hlt`.
+pub fn string_io_real() -> Payload {
+    const MSG: &[u8] = b"String I/O works\n";
+    const BACKWARDS: &[u8] = b"\n!ti";
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut print_hex = a.create_label();
+        let msg = STRING_IO_DATA as u32;
+        let buf = msg + 0x40;
+        let back = msg + 0x80;
+        real_mode_stack(&mut a)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.cld()?;
+        a.mov(si, msg)?;
+        a.mov(cx, MSG.len() as u32)?;
+        a.mov(dx, u32::from(SERIAL_PORT))?;
+        a.rep().outsb()?;
+        a.mov(di, buf)?;
+        a.mov(cx, 4u32)?;
+        a.mov(dx, 0x80u32)?;
+        a.rep().insb()?;
+        a.mov(eax, dword_ptr(buf))?;
+        a.call(print_hex)?;
+        a.mov(di, buf)?;
+        a.mov(dx, 0x3fdu32)?;
+        a.insw()?;
+        a.mov(eax, dword_ptr(buf))?;
+        a.call(print_hex)?;
+        a.std()?;
+        a.mov(si, back + BACKWARDS.len() as u32 - 1)?;
+        a.mov(cx, BACKWARDS.len() as u32)?;
+        a.mov(dx, u32::from(SERIAL_PORT))?;
+        a.rep().outsb()?;
+        a.cld()?;
+        a.cli()?;
+        a.hlt()?;
+        emit_print_hex(&mut a, &mut print_hex)?;
+        let mut image = a.assemble(REAL_MODE_LOAD)?;
+        assert!(image.len() as u64 <= STRING_IO_DATA - REAL_MODE_LOAD, "code overlaps its data");
+        image.resize((STRING_IO_DATA - REAL_MODE_LOAD) as usize, 0);
+        let mut data = [0u8; 0xc0];
+        data[..MSG.len()].copy_from_slice(MSG);
+        data[0x80..0x80 + BACKWARDS.len()].copy_from_slice(BACKWARDS);
+        image.extend_from_slice(&data);
+        Ok(image)
+    };
+    Payload { name: "string-io-real.bin", image: build().expect("string-io-real assembles") }
+}
+
 /// Every payload, for writing them all out.
 pub fn all() -> Vec<Payload> {
     vec![
@@ -363,6 +420,7 @@ pub fn all() -> Vec<Payload> {
         hello_long(),
         cpuid_real(),
         msr_real(),
+        string_io_real(),
         bench_cpuid_real(),
         bench_pio_real(),
     ]
