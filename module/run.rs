@@ -69,6 +69,7 @@ impl Vcpu {
         let immediate_exit = unsafe { core::ptr::read_volatile(&(*run).immediate_exit) };
         exit::io::complete_pending_in(self, &mut state);
         exit::slow::complete_string_in(self, &mut state)?;
+        exit::slow::complete_mmio_load(self, &mut state);
         if immediate_exit != 0 {
             // SAFETY: as above; writing our own page.
             unsafe { (*run).exit_reason = KVM_EXIT_INTR };

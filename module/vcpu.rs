@@ -73,6 +73,8 @@ pub(crate) struct VcpuState {
     pub(crate) msrs: GuestMsrs,
     /// Set by an INS exit: completed at the next KVM_RUN.
     pub(crate) pending_string_in: Option<crate::exit::slow::PendingStringIn>,
+    /// Set by an MMIO load: completed at the next KVM_RUN.
+    pub(crate) pending_mmio: Option<crate::exit::slow::PendingMmioLoad>,
 }
 
 /// A vCPU.
@@ -146,6 +148,7 @@ impl Vcpu {
             fpu: KBox::new(FxArea::reset(), GFP_KERNEL)?,
             msrs: GuestMsrs::default(),
             pending_string_in: None,
+            pending_mmio: None,
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),

@@ -186,6 +186,11 @@ impl VmMemoryView<'_> {
         Ok((unsafe { page.add(offset) }, 4096 - offset))
     }
 
+    /// Whether `gpa` is guest RAM (in a slot).
+    pub(crate) fn contains(&self, gpa: u64) -> bool {
+        self.state.slots.find(gpa >> 12).is_some()
+    }
+
     /// Reads guest-physical memory.
     ///
     /// # Errors

@@ -141,6 +141,12 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
             Ok(ExitAction::ToUser)
         }
         reason::CPUID => cpuid(&mut ctx),
+        // The guest touched a guest-physical address EPT does not map: no
+        // slot covers it (slots are mapped whole), so it is MMIO.
+        reason::EPT_VIOLATION => Ok(ExitAction::Slow(slow::SlowExit::Mmio {
+            gpa: ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL),
+            fetch: rkvm_core::exit::EptViolation::decode(ctx.vmcs.read(ro::EXIT_QUALIFICATION)).fetch,
+        })),
         reason::IO_INSTRUCTION => io::handle(&mut ctx),
         reason::CR_ACCESS => cr::handle(&mut ctx),
         reason::RDMSR => msr::rdmsr(&mut ctx),

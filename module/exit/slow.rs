@@ -8,10 +8,17 @@
 //! RSI/RDI and RCX advance by what was transferred, and RIP moves past the
 //! instruction only when RCX reaches 0 (otherwise it runs again).
 //!
+//! An access to a guest-physical address outside every slot (an EPT
+//! violation) is MMIO: the instruction at RIP is fetched through the guest's
+//! page tables and, if it is a plain MOV (rkvm_core::decode), becomes
+//! KVM_EXIT_MMIO; a load completes at the next KVM_RUN with the VMM's data.
+//! Any other instruction is KVM_EXIT_INTERNAL_ERROR (emulation failure).
+//!
 //! Context: process context, vCPU mutex held; takes the VM mutex.
 
 use kernel::error::{code::EFAULT, Result};
 
+use rkvm_core::decode::{self, Access, CodeSize, Reg};
 use rkvm_core::exit::IoQualification;
 use rkvm_core::walk::{self, GuestPhysical, PagingState};
 
@@ -33,6 +40,20 @@ pub(crate) enum SlowExit {
         address_bits: u32,
         instruction_len: u64,
     },
+    /// An access outside every slot.
+    Mmio {
+        gpa: u64,
+        /// An instruction fetch: cannot be emulated.
+        fetch: bool,
+    },
+}
+
+/// An MMIO load whose data the VMM supplies in `kvm_run.mmio.data`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PendingMmioLoad {
+    reg: Reg,
+    size: u8,
+    len: u8,
 }
 
 /// An INS whose data the VMM supplies in the PIO page before the next
@@ -94,9 +115,132 @@ fn copy_linear(mem: &mut VmMemoryView<'_>, sregs: &kvm_sregs, linear: u64, buf: 
     Ok(())
 }
 
+/// The 64-bit register `index` of `regs` (0 = RAX ... 15 = R15).
+fn gpr(regs: &mut kvm_regs, index: u8) -> &mut u64 {
+    match index & 15 {
+        0 => &mut regs.rax,
+        1 => &mut regs.rcx,
+        2 => &mut regs.rdx,
+        3 => &mut regs.rbx,
+        4 => &mut regs.rsp,
+        5 => &mut regs.rbp,
+        6 => &mut regs.rsi,
+        7 => &mut regs.rdi,
+        8 => &mut regs.r8,
+        9 => &mut regs.r9,
+        10 => &mut regs.r10,
+        11 => &mut regs.r11,
+        12 => &mut regs.r12,
+        13 => &mut regs.r13,
+        14 => &mut regs.r14,
+        _ => &mut regs.r15,
+    }
+}
+
+fn internal_error(vcpu: &Vcpu, suberror: u32) {
+    let run = run_struct(vcpu);
+    // SAFETY: our run page; `internal` is the member for this exit reason.
+    unsafe {
+        (*run).exit_reason = KVM_EXIT_INTERNAL_ERROR;
+        (*run).__bindgen_anon_1.internal.suberror = suberror;
+        (*run).__bindgen_anon_1.internal.ndata = 0;
+    }
+}
+
+fn code_size(sregs: &kvm_sregs) -> CodeSize {
+    if sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0 {
+        CodeSize::Bits64
+    } else if sregs.cr0 & 1 != 0 && sregs.cs.db != 0 {
+        CodeSize::Bits32
+    } else {
+        CodeSize::Bits16
+    }
+}
+
+/// MMIO: decode the MOV at RIP and hand the access to the VMM.
+fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()> {
+    let mut view = vcpu.vm.memory();
+    if fetch || view.contains(gpa) {
+        drop(view);
+        internal_error(vcpu, KVM_INTERNAL_ERROR_EMULATION);
+        return Ok(());
+    }
+    let mut bytes = [0u8; 15];
+    let linear = state.sregs.cs.base.wrapping_add(state.regs.rip);
+    let mut got = 0;
+    while got < bytes.len() && copy_linear(&mut view, &state.sregs, linear + got as u64, &mut bytes[got..got + 1], false).is_ok() {
+        got += 1;
+    }
+    drop(view);
+    let Some(mov) = decode::decode_mov(&bytes[..got], code_size(&state.sregs)) else {
+        internal_error(vcpu, KVM_INTERNAL_ERROR_EMULATION);
+        return Ok(());
+    };
+    let size = usize::from(mov.size);
+    let run = run_struct(vcpu);
+    let mut data = [0u8; 8];
+    let is_write = match mov.access {
+        Access::StoreReg(r) => {
+            let v = *gpr(&mut state.regs, r.index);
+            let v = if r.high_byte { v >> 8 } else { v };
+            data = v.to_le_bytes();
+            true
+        }
+        Access::StoreImm(v) => {
+            data = v.to_le_bytes();
+            true
+        }
+        Access::Load(reg) => {
+            state.pending_mmio = Some(PendingMmioLoad { reg, size: mov.size, len: mov.len });
+            false
+        }
+    };
+    // SAFETY: our run page; `mmio` is the member for KVM_EXIT_MMIO.
+    unsafe {
+        (*run).exit_reason = KVM_EXIT_MMIO;
+        let m = &mut (*run).__bindgen_anon_1.mmio;
+        m.phys_addr = gpa;
+        m.data = [0; 8];
+        m.data[..size].copy_from_slice(&data[..size]);
+        m.len = mov.size.into();
+        m.is_write = is_write.into();
+    }
+    if is_write {
+        state.regs.rip = state.regs.rip.wrapping_add(mov.len.into());
+        state.dirty = true;
+    }
+    Ok(())
+}
+
+/// Moves the VMM's data for the last MMIO load into the destination
+/// register (8- and 16-bit loads merge, 32-bit loads zero-extend) and moves
+/// RIP past the MOV.
+pub(crate) fn complete_mmio_load(vcpu: &Vcpu, state: &mut VcpuState) {
+    let Some(p) = state.pending_mmio.take() else { return };
+    let run = run_struct(vcpu);
+    // SAFETY: our run page; the VMM may have written `data` (untrusted).
+    let data = unsafe { core::ptr::read_volatile(&(*run).__bindgen_anon_1.mmio.data) };
+    let mut raw = [0u8; 8];
+    raw[..usize::from(p.size)].copy_from_slice(&data[..usize::from(p.size)]);
+    let value = u64::from_le_bytes(raw);
+    let reg = gpr(&mut state.regs, p.reg.index);
+    *reg = match (p.size, p.reg.high_byte) {
+        (1, true) => (*reg & !0xff00) | (value << 8),
+        (1, false) => (*reg & !0xff) | value,
+        (2, _) => (*reg & !0xffff) | value,
+        (4, _) => value,
+        _ => value,
+    };
+    state.regs.rip = state.regs.rip.wrapping_add(p.len.into());
+    state.dirty = true;
+}
+
 /// Finishes a slow exit; the result is KVM_RUN's.
 pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Result<()> {
-    let SlowExit::StringIo { io, linear, address_bits, instruction_len } = exit;
+    let (io, linear, address_bits, instruction_len) = match exit {
+        SlowExit::StringIo { io, linear, address_bits, instruction_len } => (io, linear, address_bits, instruction_len),
+        SlowExit::Mmio { gpa, fetch } => return mmio(vcpu, state, gpa, fetch),
+    };
     let size = usize::from(io.size);
     let regs = &mut state.regs;
     let count_reg = regs.rcx & mask(address_bits);

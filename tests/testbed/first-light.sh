@@ -5,9 +5,10 @@
 # go.
 . /tests/lib.sh
 
-# name:mode pairs.
+# name:mode[:mem] (default 2M of RAM). The tool logs unclaimed port and
+# MMIO accesses (RKVM_LOG=debug): that log is compared too.
 PAYLOADS="hello-real:real exit-status-real:real io-real:real triple-fault-real:real
-hello-protected:protected hello-long:long cpuid-real:real msr-real:real string-io-real:real"
+hello-protected:protected hello-long:long cpuid-real:real msr-real:real string-io-real:real mmio-real:real:64K"
 
 unload_all() {
     rmmod rkvm 2>/dev/null || true
@@ -19,8 +20,13 @@ unload_all() {
 run_all() {
     for pm in $PAYLOADS; do
         p=${pm%%:*}
+        rest=${pm#*:}
+        mode=${rest%%:*}
+        mem=2M
+        [ "$rest" = "$mode" ] || mem=${rest#*:}
         status=0
-        rkvm run --dev "$1" --mode "${pm##*:}" "/payloads/$p.bin" > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err" || status=$?
+        RKVM_LOG=debug rkvm run --dev "$1" --mode "$mode" --mem "$mem" "/payloads/$p.bin" \
+            > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err" || status=$?
         echo "exit status $status" >> "/tmp/$2-$p.out"
         sed 's/^/    /' "/tmp/$2-$p.out" "/tmp/$2-$p.err"
     done
@@ -40,9 +46,10 @@ payloads_on_kvm() {
     modprobe rkvm
 }
 
-# same PAYLOAD: identical stdout and exit status on both devices.
+# same PAYLOAD: identical stdout, exit status and device log on both.
 same() {
     diff "/tmp/kvm-$1.out" "/tmp/rkvm-$1.out"
+    diff "/tmp/kvm-$1.err" "/tmp/rkvm-$1.err"
 }
 
 hello_prints() {
@@ -54,6 +61,14 @@ protected_and_long() {
     grep -qx 'Hello from protected mode!' /tmp/rkvm-hello-protected.out
     grep -qx 'Hello from long mode!' /tmp/rkvm-hello-long.out
     grep -qx 'exit status 0' /tmp/rkvm-hello-long.out
+}
+
+mmio() {
+    printf '000000FF\n0000FFFF\nFFFFFFFF\nexit status 0\n' | diff - /tmp/rkvm-mmio-real.out
+    grep -q 'MMIO write \[5a\] at 0x20010' /tmp/rkvm-mmio-real.err
+    grep -q 'MMIO read of 4 bytes at 0x20030' /tmp/rkvm-mmio-real.err
+    grep -q 'MMIO write \[78, 56, 34, 12\] at 0x20040' /tmp/rkvm-mmio-real.err
+    grep -q 'MMIO write \[56\] at 0x20044' /tmp/rkvm-mmio-real.err
 }
 
 string_io() {
@@ -130,13 +145,14 @@ hundred_vms_created_and_destroyed() {
 check "payloads run on /dev/rkvm" payloads_on_rkvm
 check "payloads run on /dev/kvm (the oracle)" payloads_on_kvm
 for pm in $PAYLOADS; do
-    check "${pm%%:*} (${pm##*:} mode): same output and exit status on rkvm and KVM" same "${pm%%:*}"
+    check "${pm%%:*}: same output, exit status and device log on rkvm and KVM" same "${pm%%:*}"
 done
 check "real-mode hello prints through COM1 and halts (exit 0)" hello_prints
 check "protected mode (GDT, flat segments) and long mode (paging, EFER.LMA) guests run" protected_and_long
 check "isa-debug-exit status 0x21 exits with 67" debug_exit_status
 check "WRMSR and RDMSR of STAR, RDMSR of EFER" msrs_in_the_guest
 check "REP OUTSB, REP INSB, INSW, and REP OUTSB backwards (DF=1)" string_io
+check "MMIO: MOV stores and loads of 1, 2 and 4 bytes beyond RAM" mmio
 check "CPUID comes from KVM_SET_CPUID2's table: vendor passed through, VMX hidden, hypervisor bit set" cpuid_table
 check "IN and OUT of 1, 2 and 4 bytes" io_of_every_size
 check "a triple fault is a shutdown exit" triple_fault_is_a_shutdown

@@ -61,7 +61,7 @@ impl PortBus {
     pub fn write(&mut self, port: u16, data: &[u8]) {
         match self.find(port) {
             Some((r, offset)) => r.device.write(offset, data),
-            None => log::debug!("OUT {data:x?} to unclaimed port {port:#x} ignored"),
+            None => log::debug!("OUT {data:02x?} to unclaimed port {port:#x} ignored"),
         }
     }
 }

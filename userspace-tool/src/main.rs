@@ -18,7 +18,12 @@ mod vmm;
 
 /// Command-line interface.
 #[derive(Parser)]
-#[command(name = "rkvm", version, about = "Run guests on /dev/rkvm (or /dev/kvm) through the KVM ioctl ABI")]
+#[command(
+    name = "rkvm",
+    version,
+    about = "Run guests on /dev/rkvm (or /dev/kvm) through the KVM ioctl ABI",
+    after_help = "Environment: RKVM_LOG=debug logs every access to an unclaimed port or MMIO address on stderr."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +79,33 @@ struct RunArgs {
     image: PathBuf,
 }
 
+/// Diagnostics on stderr, at the level RKVM_LOG names (error, warn, info,
+/// debug, trace; default warn). stdout stays the guest's console.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("rkvm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    let level = std::env::var("RKVM_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&StderrLogger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => vmm::run(&vmm::RunConfig {

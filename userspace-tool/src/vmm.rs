@@ -134,7 +134,7 @@ fn enter_real_mode(vcpu: &VcpuFd, entry: u64) -> Result<()> {
 }
 
 /// The GDT, and for long mode the identity-mapped page tables.
-fn write_system_tables(mem: &GuestMemoryMmap, mode: Mode, mem_size: u64) -> Result<()> {
+fn write_system_tables(mem: &GuestMemoryMmap, mode: Mode, _mem_size: u64) -> Result<()> {
     let long = mode == Mode::Long;
     for (i, entry) in layout::gdt(long).iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(layout::GDT_ADDR + 8 * i as u64)).context("writing the GDT")?;
@@ -146,9 +146,9 @@ fn write_system_tables(mem: &GuestMemoryMmap, mode: Mode, mem_size: u64) -> Resu
             .context("writing the PML4")?;
         mem.write_obj(layout::PD_ADDR | PRESENT_WRITABLE, GuestAddress(layout::PDPT_ADDR))
             .context("writing the PDPT")?;
-        // Map the first GiB, or all of RAM if less (the rest reads as MMIO).
-        let pages = mem_size.div_ceil(1 << 21).min(512);
-        for i in 0..pages {
+        // Map the first GiB whatever the RAM size: addresses beyond RAM are
+        // MMIO, reached through these same tables.
+        for i in 0..512u64 {
             mem.write_obj((i << 21) | PAGE_SIZE_2M | PRESENT_WRITABLE, GuestAddress(layout::PD_ADDR + 8 * i))
                 .context("writing the page directory")?;
         }
@@ -229,7 +229,7 @@ fn run_loop(vcpu: &mut VcpuFd, bus: &mut PortBus, exit_status: &Cell<Option<u32>
                 data.fill(0xff);
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                log::debug!("MMIO write {data:x?} at {addr:#x}: nothing there, ignored");
+                log::debug!("MMIO write {data:02x?} at {addr:#x}: nothing there, ignored");
             }
             Ok(VcpuExit::InternalError) => bail!("KVM internal error\n{}", dump(vcpu)),
             Ok(other) => {

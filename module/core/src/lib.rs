@@ -18,6 +18,7 @@ pub mod caps;
 pub mod controls;
 pub mod cpu_state;
 pub mod cpuid;
+pub mod decode;
 pub mod ept;
 pub mod exit;
 pub mod fixed;

@@ -408,6 +408,38 @@ pub fn string_io_real() -> Payload {
     Payload { name: "string-io-real.bin", image: build().expect("string-io-real assembles") }
 }
 
+/// `mmio-real.bin`: real mode with 64 KiB of RAM (`rkvm run --mem 64K`):
+/// plain MOVs to and from 0x20010-0x20040, beyond RAM, so each is an MMIO
+/// exit: a byte store of an immediate, byte, word and dword loads (the VMM
+/// answers all ones; printed in hex: "000000FF", "0000FFFF", "FFFFFFFF"),
+/// a dword store of EAX and a store of AH. Then `cli; hlt`.
+pub fn mmio_real() -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut print_hex = a.create_label();
+        real_mode_stack(&mut a)?;
+        a.mov(ax, 0x2000u32)?;
+        a.mov(ds, ax)?;
+        a.mov(byte_ptr(0x10u32), 0x5au32)?;
+        a.mov(al, byte_ptr(0x10u32))?;
+        a.movzx(eax, al)?;
+        a.call(print_hex)?;
+        a.xor(eax, eax)?;
+        a.mov(ax, word_ptr(0x20u32))?;
+        a.call(print_hex)?;
+        a.mov(eax, dword_ptr(0x30u32))?;
+        a.call(print_hex)?;
+        a.mov(eax, 0x1234_5678u32)?;
+        a.mov(dword_ptr(0x40u32), eax)?;
+        a.mov(byte_ptr(0x44u32), ah)?;
+        a.cli()?;
+        a.hlt()?;
+        emit_print_hex(&mut a, &mut print_hex)?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name: "mmio-real.bin", image: build().expect("mmio-real assembles") }
+}
+
 /// Every payload, for writing them all out.
 pub fn all() -> Vec<Payload> {
     vec![
@@ -421,6 +453,7 @@ pub fn all() -> Vec<Payload> {
         cpuid_real(),
         msr_real(),
         string_io_real(),
+        mmio_real(),
         bench_cpuid_real(),
         bench_pio_real(),
     ]
