@@ -72,6 +72,8 @@ pub(crate) fn check_extension(cap: usize) -> isize {
         KVM_CAP_USER_MEMORY | KVM_CAP_SET_TSS_ADDR | KVM_CAP_SET_IDENTITY_MAP_ADDR => 1,
         // KVM_GET_SUPPORTED_CPUID and KVM_SET_CPUID2.
         KVM_CAP_EXT_CPUID => 1,
+        // kvm_run.immediate_exit makes KVM_RUN return -EINTR at once.
+        KVM_CAP_IMMEDIATE_EXIT => 1,
         // Deleting a slot with memory_size 0 works.
         KVM_CAP_DESTROY_MEMORY_REGION_WORKS => 1,
         KVM_CAP_NR_MEMSLOTS => rkvm_core::memslot::MAX_SLOTS as isize,

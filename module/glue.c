@@ -52,6 +52,11 @@ void rkvm_cr4_set_vmxe(void);
 void rkvm_cr4_clear_vmxe(void);
 int rkvm_vmxon(u64 phys);
 int rkvm_vmxoff(void);
+int rkvm_vmclear(u64 phys);
+int rkvm_vmptrld(u64 phys);
+int rkvm_vmread(unsigned long field, u64 *value);
+int rkvm_vmwrite(unsigned long field, u64 value);
+int rkvm_invept(unsigned long type, const u64 *descriptor);
 int rkvm_fail_vmxon_on_cpu(void);
 int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv);
 int rkvm_vma_insert_pages(struct vm_area_struct *vma, void *const *pages, unsigned long n);
@@ -94,6 +99,17 @@ static int fail_vmxon_on_cpu = -1;
 module_param(fail_vmxon_on_cpu, int, 0444);
 MODULE_PARM_DESC(fail_vmxon_on_cpu,
 		 "Testing only: make VMXON fail on this CPU (default -1: never)");
+
+/* For capturing a CPU model's capability MSRs (rkvm-core's test data). */
+static bool dump_caps;
+module_param(dump_caps, bool, 0444);
+MODULE_PARM_DESC(dump_caps, "Log the raw VMX capability MSRs at load (default off)");
+
+bool rkvm_dump_caps(void);
+bool rkvm_dump_caps(void)
+{
+	return READ_ONCE(dump_caps);
+}
 
 int rkvm_fail_vmxon_on_cpu(void)
 {
@@ -365,6 +381,81 @@ int rkvm_vmxoff(void)
 		 "jbe %l[vmfail]\n\t"
 		 _ASM_EXTABLE(1b, %l[fault])
 		 : : : "cc", "memory" : vmfail, fault);
+	return 0;
+vmfail:
+	return -EIO;
+fault:
+	return -EFAULT;
+}
+
+/*
+ * The VMCS instructions, fault-tolerant like VMXON/VMXOFF above and like
+ * KVM's vmx_ops.h: a reboot or kexec takes every CPU out of VMX operation by
+ * IPI (rkvm's reboot hook), possibly while a vCPU thread has interrupts
+ * enabled between two exits; its next VMX instruction then raises #UD, which
+ * the exception table turns into -EFAULT, and the run loop, seeing the
+ * reboot, stops. Each returns 0, -EIO on VMfail (CF or ZF), -EFAULT on a
+ * fault.
+ */
+int rkvm_vmclear(u64 phys)
+{
+	asm goto("1: vmclear %[pa]\n\t"
+		 "jbe %l[vmfail]\n\t"
+		 _ASM_EXTABLE(1b, %l[fault])
+		 : : [pa] "m"(phys) : "cc", "memory" : vmfail, fault);
+	return 0;
+vmfail:
+	return -EIO;
+fault:
+	return -EFAULT;
+}
+
+int rkvm_vmptrld(u64 phys)
+{
+	asm goto("1: vmptrld %[pa]\n\t"
+		 "jbe %l[vmfail]\n\t"
+		 _ASM_EXTABLE(1b, %l[fault])
+		 : : [pa] "m"(phys) : "cc", "memory" : vmfail, fault);
+	return 0;
+vmfail:
+	return -EIO;
+fault:
+	return -EFAULT;
+}
+
+/* VMREAD into memory: this compiler has no asm goto with outputs. */
+int rkvm_vmread(unsigned long field, u64 *value)
+{
+	asm goto("1: vmread %[field], (%[out])\n\t"
+		 "jbe %l[vmfail]\n\t"
+		 _ASM_EXTABLE(1b, %l[fault])
+		 : : [field] "r"(field), [out] "r"(value) : "cc", "memory" : vmfail, fault);
+	return 0;
+vmfail:
+	return -EIO;
+fault:
+	return -EFAULT;
+}
+
+int rkvm_vmwrite(unsigned long field, u64 value)
+{
+	asm goto("1: vmwrite %[value], %[field]\n\t"
+		 "jbe %l[vmfail]\n\t"
+		 _ASM_EXTABLE(1b, %l[fault])
+		 : : [field] "r"(field), [value] "rm"(value) : "cc", "memory" : vmfail, fault);
+	return 0;
+vmfail:
+	return -EIO;
+fault:
+	return -EFAULT;
+}
+
+int rkvm_invept(unsigned long type, const u64 *descriptor)
+{
+	asm goto("1: invept (%[desc]), %[type]\n\t"
+		 "jbe %l[vmfail]\n\t"
+		 _ASM_EXTABLE(1b, %l[fault])
+		 : : [type] "r"(type), [desc] "r"(descriptor) : "cc", "memory" : vmfail, fault);
 	return 0;
 vmfail:
 	return -EIO;

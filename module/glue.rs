@@ -29,7 +29,13 @@ mod ffi {
         pub(super) fn rkvm_cr4_clear_vmxe();
         pub(super) fn rkvm_vmxon(phys: u64) -> i32;
         pub(super) fn rkvm_vmxoff() -> i32;
+        pub(super) fn rkvm_vmclear(phys: u64) -> i32;
+        pub(super) fn rkvm_vmptrld(phys: u64) -> i32;
+        pub(super) fn rkvm_vmread(field: usize, value: *mut u64) -> i32;
+        pub(super) fn rkvm_vmwrite(field: usize, value: u64) -> i32;
+        pub(super) fn rkvm_invept(ty: usize, descriptor: *const u64) -> i32;
         pub(super) fn rkvm_fail_vmxon_on_cpu() -> i32;
+        pub(super) fn rkvm_dump_caps() -> bool;
         pub(super) fn rkvm_register_reboot(leave_vmx: unsafe extern "C" fn()) -> i32;
         pub(super) fn rkvm_unregister_reboot();
         pub(super) fn rkvm_read_host_state(h: *mut super::HostState);
@@ -161,6 +167,54 @@ fn insn_result(ret: i32) -> core::result::Result<(), VmxInsnError> {
     }
 }
 
+/// `-EIO` as the VMX glue returns it for VMfail.
+pub(crate) const EIO: i32 = -(bindings::EIO as i32);
+
+/// VMCLEAR (see vmx/insn.rs, the only caller of these raw forms).
+///
+/// # Safety
+/// `phys` is a VMCS region the caller owns.
+pub(crate) unsafe fn raw_vmclear(phys: u64) -> i32 {
+    // SAFETY: the caller's guarantee; faults are caught in glue.c.
+    unsafe { ffi::rkvm_vmclear(phys) }
+}
+
+/// VMPTRLD.
+///
+/// # Safety
+/// `phys` is a VMCS region the caller owns, current on no other CPU.
+pub(crate) unsafe fn raw_vmptrld(phys: u64) -> i32 {
+    // SAFETY: the caller's guarantee; faults are caught in glue.c.
+    unsafe { ffi::rkvm_vmptrld(phys) }
+}
+
+/// VMREAD into `*value`.
+///
+/// # Safety
+/// The caller loaded the current VMCS (or accepts a VMfail).
+pub(crate) unsafe fn raw_vmread(field: u32, value: &mut u64) -> i32 {
+    // SAFETY: `value` is a valid u64; faults are caught in glue.c.
+    unsafe { ffi::rkvm_vmread(field as usize, value) }
+}
+
+/// VMWRITE.
+///
+/// # Safety
+/// The current VMCS is the caller's.
+pub(crate) unsafe fn raw_vmwrite(field: u32, value: u64) -> i32 {
+    // SAFETY: the caller's guarantee; faults are caught in glue.c.
+    unsafe { ffi::rkvm_vmwrite(field as usize, value) }
+}
+
+/// INVEPT of `ty` with `descriptor`.
+///
+/// # Safety
+/// `ty` is supported by the CPU.
+pub(crate) unsafe fn raw_invept(ty: usize, descriptor: &[u64; 2]) -> i32 {
+    // SAFETY: a 16-byte descriptor; faults are caught in glue.c.
+    unsafe { ffi::rkvm_invept(ty, descriptor.as_ptr()) }
+}
+
 /// VMXON with the region at `phys` on this CPU.
 ///
 /// # Safety
@@ -188,6 +242,13 @@ pub(crate) fn vmxoff() -> core::result::Result<(), VmxInsnError> {
 pub(crate) fn fail_vmxon_on_cpu() -> Option<u32> {
     // SAFETY: reads an int module parameter; no precondition.
     u32::try_from(unsafe { ffi::rkvm_fail_vmxon_on_cpu() }).ok()
+}
+
+/// Whether the `dump_caps` module parameter asks for the raw capability
+/// MSRs in the log.
+pub(crate) fn dump_caps() -> bool {
+    // SAFETY: reads a bool module parameter.
+    unsafe { ffi::rkvm_dump_caps() }
 }
 
 /// Runs `leave_vmx` on every CPU (by IPI, interrupts disabled) when the

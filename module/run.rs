@@ -152,6 +152,12 @@ impl Vcpu {
                 vmcs.write(x86::vmx::vmcs::guest::VMX_PREEMPTION_TIMER_VALUE, ticks)?;
             }
             glue::local_irq_disable();
+            // With interrupts off, the reboot hook's IPI cannot take this
+            // CPU out of VMX operation between this check and the entry.
+            if crate::vmx::host::leaving_vmx() {
+                glue::local_irq_enable();
+                return Err(kernel::error::code::EIO);
+            }
             write_cr2(sregs.cr2);
             // SAFETY: interrupts and preemption are off; the VMCS is loaded
             // here with host state for this CPU and checked guest state.

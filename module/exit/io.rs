@@ -44,19 +44,25 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
         // SAFETY: the PIO page is ours (4 KiB); `size` is at most 4.
         unsafe { core::ptr::copy_nonoverlapping(value.as_ptr(), pio, size) };
     }
-    let run = ctx.run();
-    // SAFETY: our run page; `io` is the union member for KVM_EXIT_IO.
+    report(ctx.run(), &io, 1);
+    ctx.skip_instruction()?;
+    Ok(ExitAction::ToUser)
+}
+
+/// Fills `kvm_run` for KVM_EXIT_IO: `count` elements of the access `io`
+/// describes, in the PIO page (at `data_offset`, one page into the mapping).
+pub(crate) fn report(run: *mut kvm_run, io: &IoQualification, count: u32) {
+    // SAFETY: `run` is the vCPU's own run page; `io` is the union member for
+    // KVM_EXIT_IO.
     unsafe {
         (*run).exit_reason = KVM_EXIT_IO;
         let r = &mut (*run).__bindgen_anon_1.io;
         r.direction = if io.is_in { KVM_EXIT_IO_IN } else { KVM_EXIT_IO_OUT } as u8;
         r.size = io.size;
         r.port = io.port;
-        r.count = 1;
+        r.count = count;
         r.data_offset = PAGE_SIZE as u64;
     }
-    ctx.skip_instruction()?;
-    Ok(ExitAction::ToUser)
 }
 
 /// Moves the VMM's data for the last IN into the guest's accumulator: AL and

@@ -276,16 +276,7 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
         }
         advance(state, count, size, address_bits, io.rep, instruction_len, false, backwards);
     }
-    // SAFETY: our run page; `io` is the member for KVM_EXIT_IO.
-    unsafe {
-        (*run).exit_reason = KVM_EXIT_IO;
-        let r = &mut (*run).__bindgen_anon_1.io;
-        r.direction = if io.is_in { KVM_EXIT_IO_IN } else { KVM_EXIT_IO_OUT } as u8;
-        r.size = io.size;
-        r.port = io.port;
-        r.count = count;
-        r.data_offset = PAGE_SIZE as u64;
-    }
+    super::io::report(run, &io, count);
     Ok(())
 }
 

@@ -72,6 +72,16 @@ mod phase {
 /// single-instance: there is one VMX host per kernel.
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(ptr::null_mut());
 
+/// Set once the reboot hook starts taking CPUs out of VMX operation: no
+/// guest is entered after that (see `run.rs`), and VMX instructions that
+/// meet a CPU already out of it fail instead of faulting (glue.c).
+static LEAVING_VMX: AtomicBool = AtomicBool::new(false);
+
+/// Whether the system is rebooting (or kexecing) and VMX is being shut down.
+pub(crate) fn leaving_vmx() -> bool {
+    LEAVING_VMX.load(Ordering::Acquire)
+}
+
 /// Every online CPU in VMX root operation, for as long as this value lives.
 ///
 /// # Invariants
@@ -202,6 +212,9 @@ impl Drop for VmxHost {
     fn drop(&mut self) {
         // From here on, `cpu_offline` runs because of the unload: not logged.
         self.shared.phase.store(phase::LEAVING, Ordering::Release);
+        // A later load starts afresh (a reboot hook that ran and was then
+        // survived, e.g. by a failed kexec, does not stay in force).
+        LEAVING_VMX.store(false, Ordering::Release);
         // SAFETY: by the type invariant `hotplug_state` is ours; removing it
         // runs `cpu_offline` (VMXOFF) on every online CPU and waits for it.
         unsafe { bindings::__cpuhp_remove_state(self.hotplug_state as _, true) };
@@ -308,6 +321,7 @@ unsafe extern "C" fn cpu_offline(cpu: c_uint) -> c_int {
 
 /// Reboot hook, on every CPU by IPI: leave VMX operation on this CPU.
 unsafe extern "C" fn reboot_vmxoff() {
+    LEAVING_VMX.store(true, Ordering::Release);
     // SAFETY: SHARED is valid while the hook is registered (it is removed in
     // `Drop` before SHARED is cleared).
     let Some(shared) = (unsafe { SHARED.load(Ordering::Acquire).as_ref() }) else { return };

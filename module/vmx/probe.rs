@@ -69,6 +69,9 @@ pub(crate) fn probe() -> Result<VmxCaps> {
     // SAFETY: `RawCaps::read` only reads capability MSRs that exist given
     // CPUID.1:ECX.VMX = 1 and the MSRs it read before (SDM Vol. 3C, A.1-A.10).
     let raw = RawCaps::read(|msr| unsafe { rdmsr(msr) });
+    if crate::glue::dump_caps() {
+        pr_info!("raw VMX capability MSRs: {raw:#x?}\n");
+    }
     let caps = VmxCaps::decode(&raw);
     let basic = caps.basic;
     if basic.region_size() as usize > crate::mm::PAGE_SIZE

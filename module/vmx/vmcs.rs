@@ -72,6 +72,8 @@ impl LoadedVmcs<'_> {
         // SAFETY: by the type invariant there is a current VMCS.
         match unsafe { insn::vmread(field) } {
             Ok(v) => v,
+            // A reboot took this CPU out of VMX operation: quietly nothing.
+            Err(VmFail::Fault) => 0,
             Err(e) => {
                 pr_err!("VMREAD of field {field:#x} failed: {e:?}\n");
                 0
@@ -86,7 +88,9 @@ impl LoadedVmcs<'_> {
     pub(crate) fn write(&mut self, field: u32, value: u64) -> Result {
         // SAFETY: by the type invariant the current VMCS is ours.
         unsafe { insn::vmwrite(field, value) }.map_err(|e| {
-            pr_err!("VMWRITE of {value:#x} to field {field:#x} failed: {e:?}\n");
+            if e != VmFail::Fault {
+                pr_err!("VMWRITE of {value:#x} to field {field:#x} failed: {e:?}\n");
+            }
             EIO
         })
     }
@@ -96,8 +100,9 @@ impl Drop for LoadedVmcs<'_> {
     fn drop(&mut self) {
         // SAFETY: the VMCS is current on this CPU (type invariant); clearing
         // it flushes its state to memory for the next load.
-        if let Err(e) = unsafe { insn::vmclear(self.vmcs.region.phys()) } {
-            pr_err!("VMCLEAR failed: {e:?}\n");
+        match unsafe { insn::vmclear(self.vmcs.region.phys()) } {
+            Ok(()) | Err(VmFail::Fault) => {}
+            Err(e) => pr_err!("VMCLEAR failed: {e:?}\n"),
         }
     }
 }

@@ -112,12 +112,16 @@ sigterm_stops_a_looping_guest() {
     wait $pid || true
 }
 
-# SIGKILL mid-run: the fds close, the VM goes, the module can unload.
+# SIGKILL mid-run: the fds close, the VM goes, the module can unload (and
+# could not while the VM existed).
 killed_vmm_leaves_nothing() {
     rkvm run --dev /dev/rkvm /payloads/loop-real.bin &
     pid=$!
     sleep 1
+    status=0
+    rmmod rkvm 2>/dev/null || status=$?
     kill -KILL $pid
+    [ $status -ne 0 ] || { echo "rmmod succeeded under a running VM"; return 1; }
     wait $pid || true
     rmmod rkvm
     modprobe rkvm
@@ -157,7 +161,7 @@ check "CPUID comes from KVM_SET_CPUID2's table: vendor passed through, VMX hidde
 check "IN and OUT of 1, 2 and 4 bytes" io_of_every_size
 check "a triple fault is a shutdown exit" triple_fault_is_a_shutdown
 check "SIGTERM stops a guest looping forever within a second" sigterm_stops_a_looping_guest
-check "a VMM killed mid-run leaves the module unloadable" killed_vmm_leaves_nothing
+check "the module cannot unload while a VM runs; a VMM killed mid-run leaves it unloadable" killed_vmm_leaves_nothing
 check "two VMs at once" two_vms_at_once
 check "100 VMs created and destroyed" hundred_vms_created_and_destroyed
 unload_all

@@ -167,7 +167,10 @@ check "kvm_intel holding VMX makes modprobe rkvm fail with EBUSY; KVM still runs
 check "with rkvm loaded, kvm_intel (enable_virt_at_load=1) fails to load; rkvm still works" kvm_refused_while_rkvm_holds_vmx
 check "with rkvm loaded, KVM refuses to create a VM; works again after rmmod rkvm" kvm_vm_creation_refused_while_rkvm_holds_vmx
 check "VMXON failing on CPU 1 rolls back CPU 0 and restores CR4 everywhere" vmxon_failure_on_one_cpu_rolls_back
-# Leave rkvm loaded: the launcher powers off through the kernel, and
-# tests/run checks that rkvm's reboot hook left VMX operation on every CPU.
+# Leave rkvm loaded, with a guest running: the launcher powers off through
+# the kernel, rkvm's reboot hook takes every CPU out of VMX operation under
+# the running vCPU (which must stop without an oops), and tests/run checks
+# that the hook ran.
 modprobe rkvm
+rkvm run --dev /dev/rkvm /payloads/loop-real.bin > /dev/null 2>&1 &
 finish

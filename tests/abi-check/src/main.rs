@@ -216,6 +216,13 @@ fn vcpu_checks(c: &mut Checks, kvm: &Kvm) {
     // A bad pointer is a fault, never a crash.
     let r = raw_ioctl(&vcpu, u64::from(kvm_get_regs_nr()), 8);
     c.check("KVM_GET_REGS into an unmapped address fails with EFAULT", r == Err(libc::EFAULT), format!("{r:?}"));
+    c.check("KVM_CAP_IMMEDIATE_EXIT is supported", kvm.check_extension(Cap::ImmediateExit), "0");
+    let mut vcpu = vcpu;
+    vcpu.set_kvm_immediate_exit(1);
+    let r = vcpu.run().map(|e| format!("{e:?}"));
+    c.check("KVM_RUN with immediate_exit set fails with EINTR at once",
+            r.as_ref().is_err_and(|e| e.errno() == libc::EINTR), format!("{r:?}"));
+    vcpu.set_kvm_immediate_exit(0);
     let r = raw_ioctl(&vcpu, 0xaeff, 0);
     c.check("an unknown vCPU ioctl fails with ENOTTY (KVM: EINVAL)",
             r == Err(libc::ENOTTY) || r == Err(libc::EINVAL), format!("{r:?}"));
