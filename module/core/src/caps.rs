@@ -456,6 +456,14 @@ mod tests {
     }
 
     #[test]
+    fn icelake_has_another_vmcs_revision_and_the_same_features() {
+        let raw = RawCaps::read(|m| crate::testdata::BOCHS_ICELAKE_U.value(m).expect("unimplemented MSR read"));
+        let caps = VmxCaps::decode(&raw);
+        assert_eq!(caps.basic.revision_id(), 4);
+        assert!(caps.to_string().starts_with("VMCS revision 0x4, EPT (4-level, 4K 2M 1G pages"));
+    }
+
+    #[test]
     fn true_msrs_replace_legacy_ones_when_basic_bit_55_is_set() {
         let raw = RawCaps::read(|m| BOCHS_HASWELL.value(m).expect("unimplemented MSR read"));
         let caps = VmxCaps::decode(&raw);

@@ -166,6 +166,26 @@ mod tests {
     }
 
     #[test]
+    fn every_captured_cpu_model_gets_controls_within_its_allowed_settings() {
+        for (name, set) in crate::testdata::CAPTURED {
+            let caps = caps(set);
+            let c = Controls::compute(&caps).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            for (value, allowed) in [
+                (c.pinbased, caps.pinbased),
+                (c.procbased, caps.procbased),
+                (c.procbased2, caps.procbased2),
+                (c.exit, caps.exit),
+                (c.entry_for(true), caps.entry),
+                (c.entry_for(false), caps.entry),
+            ] {
+                assert_eq!(value & allowed.must_be_one, allowed.must_be_one, "{name}");
+                assert!(allowed.allows(value), "{name}: {value:#x} beyond {:#x}", allowed.may_be_one);
+            }
+            assert!(caps.unrestricted_guest(), "{name}");
+        }
+    }
+
+    #[test]
     fn ia32e_mode_follows_the_guest() {
         let c = Controls::compute(&caps(&BOCHS_HASWELL)).unwrap();
         let ia32e = EntryControls::IA32E_MODE_GUEST.bits();
