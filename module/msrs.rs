@@ -9,10 +9,11 @@
 //! - PAT, SYSENTER_CS/ESP/EIP: here, copied into the VMCS at every load and
 //!   on every guest write (the CPU loads them at entry, SDM 27.3.2.1);
 //! - TSC: the VMCS TSC offset (RDTSC runs without exits);
-//! - STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, TSC_AUX: here only. They
-//!   are not yet switched into the CPU around the run (issue 4), so a guest
-//!   that executes SYSCALL still reaches the host's entry point and faults;
-//!   the host's values are never touched.
+//! - STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE: here between runs, in the
+//!   VM-entry/VM-exit MSR lists during one (vmx/msr_area.rs), so SYSCALL
+//!   and SWAPGS in the guest use the guest's values and the host's are back
+//!   at every exit;
+//! - TSC_AUX: here only (a guest RDTSCP still reads the host's value).
 
 use core::arch::asm;
 

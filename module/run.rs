@@ -97,7 +97,7 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, .. } = state;
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, msr_area, .. } = state;
         let mut loaded = vmcs.load(&cpu)?;
         let guest_fpu = crate::fpu::GuestFpu::load(fpu);
         let first_run = *dirty;
@@ -105,6 +105,7 @@ impl Vcpu {
             gs::write_controls(&mut loaded, &self.vm, gs::long_mode(sregs))?;
             gs::write_host(&mut loaded, &host)?;
             gs::write_msrs(&mut loaded, &self.vm, msrs)?;
+            msr_area.load(&mut loaded, msrs)?;
             if *dirty {
                 gs::write_regs(&mut loaded, regs, gprs)?;
                 gs::write_sregs(&mut loaded, sregs)?;
@@ -119,11 +120,12 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, &cpu)
+            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, msr_area, &cpu)
         })();
         // Save what the guest changed, whatever happened.
         *regs = gs::read_regs(&loaded, gprs);
         *sregs = gs::read_sregs(&loaded, sregs);
+        msr_area.save(msrs);
         drop(guest_fpu);
         drop(loaded);
         cpu.restore_host_segments(&host);
@@ -139,6 +141,7 @@ impl Vcpu {
         cr8: &mut u64,
         cpuid: &[rkvm_core::cpuid::Entry],
         msrs: &mut crate::msrs::GuestMsrs,
+        msr_area: &mut crate::vmx::msr_area::MsrArea,
         cpu: &PreemptDisabled,
     ) -> Result<Stop> {
         let run = run_struct(self);
@@ -185,6 +188,7 @@ impl Vcpu {
                     cr8: &mut *cr8,
                     cpuid,
                     msrs: &mut *msrs,
+                    msr_area: &mut *msr_area,
                     apic_base: sregs.apic_base,
                 })?,
                 EntryResult::FailInvalid | EntryResult::FailValid => {

@@ -75,6 +75,8 @@ pub(crate) struct VcpuState {
     pub(crate) pending_string_in: Option<crate::exit::slow::PendingStringIn>,
     /// Set by an MMIO load: completed at the next KVM_RUN.
     pub(crate) pending_mmio: Option<crate::exit::slow::PendingMmioLoad>,
+    /// The SYSCALL MSRs and KERNEL_GS_BASE, switched at entry and exit.
+    pub(crate) msr_area: crate::vmx::msr_area::MsrArea,
 }
 
 /// A vCPU.
@@ -149,6 +151,7 @@ impl Vcpu {
             msrs: GuestMsrs::default(),
             pending_string_in: None,
             pending_mmio: None,
+            msr_area: crate::vmx::msr_area::MsrArea::new()?,
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),

@@ -47,6 +47,8 @@ pub(crate) struct ExitContext<'a, 'v> {
     pub(crate) cpuid: &'a [rkvm_core::cpuid::Entry],
     /// MSRs kept per vCPU.
     pub(crate) msrs: &'a mut crate::msrs::GuestMsrs,
+    /// The switched MSRs' guest values, current during the run.
+    pub(crate) msr_area: &'a mut crate::vmx::msr_area::MsrArea,
     /// IA32_APIC_BASE (read-only to the guest until the APIC is emulated).
     pub(crate) apic_base: u64,
 }

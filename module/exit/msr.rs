@@ -3,7 +3,8 @@
 //! cannot hold, raises #GP, as on a CPU without it (SDM Vol. 4).
 //!
 //! During a run the VMCS holds EFER, FS.base, GS.base, PAT, SYSENTER_* and
-//! the TSC offset, so those are read and written there.
+//! the TSC offset, and the MSR area the SYSCALL MSRs and KERNEL_GS_BASE, so
+//! those are read and written there.
 
 use kernel::error::Result;
 use x86::msr;
@@ -33,7 +34,10 @@ fn read(ctx: &ExitContext<'_, '_>, index: u32) -> Option<u64> {
     match index {
         msr::IA32_TIME_STAMP_COUNTER => Some(msrs::rdtsc().wrapping_add(ctx.msrs.tsc_offset)),
         0x1b => Some(ctx.apic_base),
-        _ => vmcs_field(index).map(|f| ctx.vmcs.read(f)).or_else(|| msrs::kept(ctx.msrs, index)),
+        _ => vmcs_field(index)
+            .map(|f| ctx.vmcs.read(f))
+            .or_else(|| ctx.msr_area.guest(index))
+            .or_else(|| msrs::kept(ctx.msrs, index)),
     }
 }
 
@@ -72,6 +76,8 @@ pub(crate) fn wrmsr(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
         if let Some(field) = vmcs_field(index) {
             ctx.vmcs.write(field, value)?;
         }
+        // The SYSCALL MSRs and KERNEL_GS_BASE: loaded at the next entry.
+        ctx.msr_area.set_guest(index, value);
         msrs::keep(ctx.msrs, index, value);
     }
     ctx.skip_instruction()?;

@@ -5,6 +5,7 @@ pub(crate) mod entry;
 pub(crate) mod guest_state;
 pub(crate) mod host;
 pub(crate) mod insn;
+pub(crate) mod msr_area;
 pub(crate) mod probe;
 pub(crate) mod vmcs;
 

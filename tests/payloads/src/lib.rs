@@ -440,6 +440,71 @@ pub fn mmio_real() -> Payload {
     Payload { name: "mmio-real.bin", image: build().expect("mmio-real assembles") }
 }
 
+/// Emits code printing `text` on COM1 one character at a time (no memory).
+fn emit_print(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
+    a.mov(dx, u32::from(SERIAL_PORT))?;
+    for b in text.bytes() {
+        a.mov(al, u32::from(b))?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
+
+/// `syscall-long.bin`: 64-bit long mode (`rkvm run --mode long`): sets
+/// KERNEL_GS_BASE and swaps it in with SWAPGS (checked through RDMSR of
+/// GS_BASE), then points LSTAR at a handler, STAR at the flat code segment,
+/// sets EFER.SCE and executes SYSCALL; prints "SWAPGS ok" and "SYSCALL ok"
+/// (the handler runs only if the guest's LSTAR, not the host's, is in the
+/// CPU). Then `cli; hlt`.
+pub fn syscall_long() -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let mut handler = a.create_label();
+        let mut bad = a.create_label();
+        let mut after = a.create_label();
+        let wrmsr = |a: &mut CodeAssembler, msr: u32, value: u32| -> Result<(), IcedError> {
+            a.mov(ecx, msr)?;
+            a.mov(eax, value)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()
+        };
+        wrmsr(&mut a, 0xc000_0102, 0x1234)?; // KERNEL_GS_BASE
+        a.swapgs()?;
+        a.mov(ecx, 0xc000_0101u32)?; // GS_BASE
+        a.rdmsr()?;
+        a.cmp(eax, 0x1234u32)?;
+        a.jne(bad)?;
+        emit_print(&mut a, "SWAPGS ok\n")?;
+        a.jmp(after)?;
+        a.set_label(&mut bad)?;
+        emit_print(&mut a, "SWAPGS bad\n")?;
+        a.set_label(&mut after)?;
+        a.lea(rax, ptr(handler))?;
+        a.mov(ecx, 0xc000_0082u32)?; // LSTAR
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0081u32)?; // STAR: SYSCALL CS = 0x08, SS = 0x10
+        a.xor(eax, eax)?;
+        a.mov(edx, 0x0008u32)?;
+        a.wrmsr()?;
+        wrmsr(&mut a, 0xc000_0084, 0)?; // SFMASK
+        a.mov(ecx, 0xc000_0080u32)?; // EFER.SCE
+        a.rdmsr()?;
+        a.or(eax, 1u32)?;
+        a.wrmsr()?;
+        a.syscall()?;
+        emit_print(&mut a, "SYSCALL returned\n")?;
+        a.cli()?;
+        a.hlt()?;
+        a.set_label(&mut handler)?;
+        emit_print(&mut a, "SYSCALL ok\n")?;
+        a.cli()?;
+        a.hlt()?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name: "syscall-long.bin", image: build().expect("syscall-long assembles") }
+}
+
 /// Every payload, for writing them all out.
 pub fn all() -> Vec<Payload> {
     vec![
@@ -454,6 +519,7 @@ pub fn all() -> Vec<Payload> {
         msr_real(),
         string_io_real(),
         mmio_real(),
+        syscall_long(),
         bench_cpuid_real(),
         bench_pio_real(),
     ]
