@@ -97,7 +97,7 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, msr_area, .. } = state;
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, msr_area, debug, .. } = state;
         let mut loaded = vmcs.load(&cpu)?;
         let guest_fpu = crate::fpu::GuestFpu::load(fpu);
         let first_run = *dirty;
@@ -120,7 +120,7 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, msr_area, &cpu)
+            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, msr_area, debug, &cpu)
         })();
         // Save what the guest changed, whatever happened.
         *regs = gs::read_regs(&loaded, gprs);
@@ -142,6 +142,7 @@ impl Vcpu {
         cpuid: &[rkvm_core::cpuid::Entry],
         msrs: &mut crate::msrs::GuestMsrs,
         msr_area: &mut crate::vmx::msr_area::MsrArea,
+        debug: &mut crate::exit::dr::DebugRegs,
         cpu: &PreemptDisabled,
     ) -> Result<Stop> {
         let run = run_struct(self);
@@ -190,6 +191,7 @@ impl Vcpu {
                     msrs: &mut *msrs,
                     msr_area: &mut *msr_area,
                     apic_base: sregs.apic_base,
+                    debug: &mut *debug,
                 })?,
                 EntryResult::FailInvalid | EntryResult::FailValid => {
                     let error = vmcs.read(ro::VM_INSTRUCTION_ERROR);

@@ -77,6 +77,8 @@ pub(crate) struct VcpuState {
     pub(crate) pending_mmio: Option<crate::exit::slow::PendingMmioLoad>,
     /// The SYSCALL MSRs and KERNEL_GS_BASE, switched at entry and exit.
     pub(crate) msr_area: crate::vmx::msr_area::MsrArea,
+    /// DR0-DR3 and DR6 (DR7 is in the VMCS).
+    pub(crate) debug: crate::exit::dr::DebugRegs,
 }
 
 /// A vCPU.
@@ -152,6 +154,7 @@ impl Vcpu {
             pending_string_in: None,
             pending_mmio: None,
             msr_area: crate::vmx::msr_area::MsrArea::new()?,
+            debug: Default::default(),
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),

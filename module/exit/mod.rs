@@ -7,6 +7,7 @@
 //! Context: preemption disabled, interrupts enabled, the VMCS loaded.
 
 pub(crate) mod cr;
+pub(crate) mod dr;
 pub(crate) mod io;
 pub(crate) mod msr;
 pub(crate) mod slow;
@@ -51,6 +52,8 @@ pub(crate) struct ExitContext<'a, 'v> {
     pub(crate) msr_area: &'a mut crate::vmx::msr_area::MsrArea,
     /// IA32_APIC_BASE (read-only to the guest until the APIC is emulated).
     pub(crate) apic_base: u64,
+    /// DR0-DR3 and DR6.
+    pub(crate) debug: &'a mut dr::DebugRegs,
 }
 
 impl ExitContext<'_, '_> {
@@ -151,6 +154,18 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
         })),
         reason::IO_INSTRUCTION => io::handle(&mut ctx),
         reason::CR_ACCESS => cr::handle(&mut ctx),
+        reason::DR_ACCESS => dr::handle(&mut ctx),
+        // INVD would drop the host's dirty cache lines: done as a no-op
+        // (the caches stay coherent; what WBINVD would also do is not needed).
+        reason::INVD => {
+            ctx.skip_instruction()?;
+            Ok(ExitAction::Resume)
+        }
+        // No performance counters are virtualized (CPUID's PMU leaf is
+        // empty): RDPMC raises #GP, as for a counter that does not exist.
+        reason::RDPMC => ctx.inject_gp(),
+        // CPUID hides MONITOR/MWAIT: #UD, as on a CPU without them.
+        reason::MONITOR | reason::MWAIT => ctx.inject_ud(),
         reason::RDMSR => msr::rdmsr(&mut ctx),
         reason::WRMSR => msr::wrmsr(&mut ctx),
         // The guest may not use VMX: #UD, as on a CPU without it (CPUID

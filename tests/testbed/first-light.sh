@@ -8,7 +8,7 @@
 # name:mode[:mem] (default 2M of RAM). The tool logs unclaimed port and
 # MMIO accesses (RKVM_LOG=debug): that log is compared too.
 PAYLOADS="hello-real:real exit-status-real:real io-real:real triple-fault-real:real
-hello-protected:protected hello-long:long cpuid-real:real msr-real:real string-io-real:real mmio-real:real:64K syscall-long:long"
+hello-protected:protected hello-long:long cpuid-real:real msr-real:real string-io-real:real mmio-real:real:64K syscall-long:long dr-real:real"
 
 unload_all() {
     rmmod rkvm 2>/dev/null || true
@@ -61,6 +61,10 @@ protected_and_long() {
     grep -qx 'Hello from protected mode!' /tmp/rkvm-hello-protected.out
     grep -qx 'Hello from long mode!' /tmp/rkvm-hello-long.out
     grep -qx 'exit status 0' /tmp/rkvm-hello-long.out
+}
+
+debug_registers() {
+    printf '00001234\n00000400\nFFFF0FF0\n00000500\nexit status 0\n' | diff - /tmp/rkvm-dr-real.out
 }
 
 syscall_msrs() {
@@ -162,6 +166,7 @@ check "WRMSR and RDMSR of STAR, RDMSR of EFER" msrs_in_the_guest
 check "REP OUTSB, REP INSB, INSW, and REP OUTSB backwards (DF=1)" string_io
 check "MMIO: MOV stores and loads of 1, 2 and 4 bytes beyond RAM" mmio
 check "SWAPGS and SYSCALL use the guest's KERNEL_GS_BASE, LSTAR and STAR" syscall_msrs
+check "MOV to and from DR0, DR6 and DR7" debug_registers
 check "CPUID comes from KVM_SET_CPUID2's table: vendor passed through, VMX hidden, hypervisor bit set" cpuid_table
 check "IN and OUT of 1, 2 and 4 bytes" io_of_every_size
 check "a triple fault is a shutdown exit" triple_fault_is_a_shutdown

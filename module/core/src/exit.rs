@@ -130,6 +130,24 @@ impl CrAccess {
     }
 }
 
+/// Exit qualification of MOV DR (Table 28-4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrAccess {
+    /// The debug register, 0-7.
+    pub dr: u8,
+    /// MOV from DR (true) or to DR.
+    pub read: bool,
+    /// The general-purpose register (0 = RAX ... 15 = R15).
+    pub gpr: u8,
+}
+
+impl DrAccess {
+    /// Decodes the qualification.
+    pub fn decode(q: u64) -> Self {
+        Self { dr: (q & 7) as u8, read: q & (1 << 4) != 0, gpr: ((q >> 8) & 0xf) as u8 }
+    }
+}
+
 /// Exit qualification of EPT violations (Table 28-7), the bits rkvm uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EptViolation {
@@ -230,6 +248,12 @@ mod tests {
         assert!(InterruptionInfo(0x8000_0202).is_nmi());
         let gp = InterruptionInfo::new(13, InterruptionInfo::HARDWARE_EXCEPTION, true);
         assert_eq!(gp.0, 0x8000_0b0d);
+    }
+
+    #[test]
+    fn dr_access_fields() {
+        assert_eq!(DrAccess::decode(0x0307), DrAccess { dr: 7, read: false, gpr: 3 });
+        assert_eq!(DrAccess::decode(0x0010), DrAccess { dr: 0, read: true, gpr: 0 });
     }
 
     #[test]

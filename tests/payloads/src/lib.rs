@@ -505,6 +505,36 @@ pub fn syscall_long() -> Payload {
     Payload { name: "syscall-long.bin", image: build().expect("syscall-long assembles") }
 }
 
+/// `dr-real.bin`: real mode, debug registers: DR0 written and read back
+/// ("00001234"), DR7 and DR6 at their reset values ("00000400",
+/// "FFFF0FF0"), DR7 with LE set ("00000500"). Then `cli; hlt`.
+pub fn dr_real() -> Payload {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(16)?;
+        let mut print_hex = a.create_label();
+        real_mode_stack(&mut a)?;
+        a.mov(eax, 0x1234u32)?;
+        a.mov(dr0, eax)?;
+        a.xor(eax, eax)?;
+        a.mov(eax, dr0)?;
+        a.call(print_hex)?;
+        a.mov(eax, dr7)?;
+        a.call(print_hex)?;
+        a.mov(eax, dr6)?;
+        a.call(print_hex)?;
+        a.mov(eax, 0x500u32)?;
+        a.mov(dr7, eax)?;
+        a.xor(eax, eax)?;
+        a.mov(eax, dr7)?;
+        a.call(print_hex)?;
+        a.cli()?;
+        a.hlt()?;
+        emit_print_hex(&mut a, &mut print_hex)?;
+        a.assemble(REAL_MODE_LOAD)
+    };
+    Payload { name: "dr-real.bin", image: build().expect("dr-real assembles") }
+}
+
 /// Every payload, for writing them all out.
 pub fn all() -> Vec<Payload> {
     vec![
@@ -520,6 +550,7 @@ pub fn all() -> Vec<Payload> {
         string_io_real(),
         mmio_real(),
         syscall_long(),
+        dr_real(),
         bench_cpuid_real(),
         bench_pio_real(),
     ]
