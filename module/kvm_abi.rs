@@ -43,6 +43,7 @@ plain_abi_structs!(
     kvm_cpuid_entry2,
     kvm_fpu,
     kvm_msr_entry,
+    kvm_interrupt,
 );
 
 // The layouts the ABI fixes, checked against kvm-bindings by the host tests

@@ -67,6 +67,8 @@ impl Vcpu {
         // SAFETY: the run page is ours and mapped into the VMM, which may
         // write it at any time: fields are read once, as untrusted values.
         let immediate_exit = unsafe { core::ptr::read_volatile(&(*run).immediate_exit) };
+        // SAFETY: as above.
+        let request_window = unsafe { core::ptr::read_volatile(&(*run).request_interrupt_window) } != 0;
         exit::io::complete_pending_in(self, &mut state);
         exit::slow::complete_string_in(self, &mut state)?;
         exit::slow::complete_mmio_load(self, &mut state);
@@ -81,7 +83,7 @@ impl Vcpu {
                 unsafe { (*run).exit_reason = KVM_EXIT_INTR };
                 return Err(EINTR);
             }
-            match self.run_on_this_cpu(&mut state)? {
+            match self.run_on_this_cpu(&mut state, request_window)? {
                 Stop::ToUser => return Ok(0),
                 Stop::Yield => glue::cond_resched(),
                 Stop::Slow(slow) => {
@@ -94,10 +96,10 @@ impl Vcpu {
 
     /// Loads the VMCS here and runs the guest until an exit needs the VMM
     /// or this CPU is wanted elsewhere.
-    fn run_on_this_cpu(&self, state: &mut VcpuState) -> Result<Stop> {
+    fn run_on_this_cpu(&self, state: &mut VcpuState, request_window: bool) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, msr_area, debug, .. } = state;
+        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, msr_area, debug, pending_irq, .. } = state;
         let mut loaded = vmcs.load(&cpu)?;
         let guest_fpu = crate::fpu::GuestFpu::load(fpu);
         let first_run = *dirty;
@@ -120,7 +122,17 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            self.inner_loop(&mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, msr_area, debug, &cpu)
+            let stop = self.inner_loop(
+                &mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, msr_area, debug, pending_irq, request_window, &cpu,
+            )?;
+            let (if_flag, ready) = crate::vmx::events::status(&loaded, *pending_irq);
+            let run = run_struct(self);
+            // SAFETY: our run page.
+            unsafe {
+                (*run).if_flag = if_flag.into();
+                (*run).ready_for_interrupt_injection = ready.into();
+            }
+            Ok(stop)
         })();
         // Save what the guest changed, whatever happened.
         *regs = gs::read_regs(&loaded, gprs);
@@ -143,6 +155,8 @@ impl Vcpu {
         msrs: &mut crate::msrs::GuestMsrs,
         msr_area: &mut crate::vmx::msr_area::MsrArea,
         debug: &mut crate::exit::dr::DebugRegs,
+        pending_irq: &mut Option<u8>,
+        request_window: bool,
         cpu: &PreemptDisabled,
     ) -> Result<Stop> {
         let run = run_struct(self);
@@ -155,6 +169,7 @@ impl Vcpu {
             if let Some(ticks) = slice {
                 vmcs.write(x86::vmx::vmcs::guest::VMX_PREEMPTION_TIMER_VALUE, ticks)?;
             }
+            crate::vmx::events::prepare_entry(vmcs, pending_irq, request_window)?;
             glue::local_irq_disable();
             // With interrupts off, the reboot hook's IPI cannot take this
             // CPU out of VMX operation between this check and the entry.
@@ -180,6 +195,20 @@ impl Vcpu {
             // the exit, unacknowledged) are taken now.
             glue::local_irq_enable();
 
+            if result == EntryResult::Exited {
+                crate::vmx::events::reinject_vectored_event(vmcs)?;
+                let reason = ExitReason(vmcs.read(ro::EXIT_REASON) as u32).basic();
+                if reason == rkvm_core::exit::reason::INTERRUPT_WINDOW {
+                    // The guest can take an interrupt: a queued one goes in
+                    // at the next entry; a VMM that asked is told.
+                    if pending_irq.is_none() && request_window {
+                        // SAFETY: our run page.
+                        unsafe { (*run).exit_reason = KVM_EXIT_IRQ_WINDOW_OPEN };
+                        return Ok(Stop::ToUser);
+                    }
+                    continue;
+                }
+            }
             let action = match result {
                 EntryResult::Exited => exit::handle(exit::ExitContext {
                     vcpu: self,

@@ -79,6 +79,9 @@ pub(crate) struct VcpuState {
     pub(crate) msr_area: crate::vmx::msr_area::MsrArea,
     /// DR0-DR3 and DR6 (DR7 is in the VMCS).
     pub(crate) debug: crate::exit::dr::DebugRegs,
+    /// An external interrupt queued by KVM_INTERRUPT, injected as soon as
+    /// the guest can take it (events.rs).
+    pub(crate) pending_irq: Option<u8>,
 }
 
 /// A vCPU.
@@ -155,6 +158,7 @@ impl Vcpu {
             pending_mmio: None,
             msr_area: crate::vmx::msr_area::MsrArea::new()?,
             debug: Default::default(),
+            pending_irq: None,
         };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),
@@ -243,6 +247,14 @@ impl FileObject for Vcpu {
             }
             KVM_GET_SREGS => Self::get(arg, &this.state.lock().sregs),
             KVM_SET_SREGS => this.set_sregs(arg),
+            KVM_INTERRUPT => {
+                let irq: kvm_interrupt = Self::read(arg)?;
+                // As KVM without an in-kernel irqchip: one queued vector; a
+                // new one replaces it.
+                let vector = u8::try_from(irq.irq).map_err(|_| EINVAL)?;
+                this.state.lock().pending_irq = Some(vector);
+                Ok(0)
+            }
             KVM_GET_MSRS => this.msr_ioctl(arg, false),
             KVM_SET_MSRS => this.msr_ioctl(arg, true),
             KVM_GET_FPU => Self::get(arg, &this.state.lock().fpu.to_kvm()),

@@ -2,6 +2,7 @@
 //! VMX root operation while rkvm is loaded ([`host`]).
 
 pub(crate) mod entry;
+pub(crate) mod events;
 pub(crate) mod guest_state;
 pub(crate) mod host;
 pub(crate) mod insn;

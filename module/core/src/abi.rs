@@ -80,7 +80,7 @@ pub mod layout {
 /// Defines the KVM ioctl numbers rkvm implements, as `u32` constants named
 /// as in KVM, in the current module, computed from the structs of module
 /// `$kvm` (which must define `kvm_cpuid2`, `kvm_userspace_memory_region`,
-/// `kvm_regs`, `kvm_sregs`, `kvm_msrs`, `kvm_fpu`).
+/// `kvm_regs`, `kvm_sregs`, `kvm_msrs`, `kvm_fpu`, `kvm_interrupt`).
 #[macro_export]
 macro_rules! kvm_ioctl_numbers {
     ($kvm:path) => {
@@ -121,6 +121,8 @@ macro_rules! kvm_ioctl_numbers {
         pub const KVM_GET_SREGS: u32 = ior::<kvm_abi_structs::kvm_sregs>(0x83);
         /// KVM_SET_SREGS
         pub const KVM_SET_SREGS: u32 = iow::<kvm_abi_structs::kvm_sregs>(0x84);
+        /// KVM_INTERRUPT
+        pub const KVM_INTERRUPT: u32 = iow::<kvm_abi_structs::kvm_interrupt>(0x86);
         /// KVM_GET_MSRS
         pub const KVM_GET_MSRS: u32 = iowr::<kvm_abi_structs::kvm_msrs>(0x88);
         /// KVM_SET_MSRS
@@ -162,6 +164,7 @@ mod tests {
         ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
         ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
         ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+        ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
         ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
         ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
         ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
@@ -186,6 +189,7 @@ mod tests {
             ("KVM_SET_REGS", host::KVM_SET_REGS, reference::KVM_SET_REGS()),
             ("KVM_GET_SREGS", host::KVM_GET_SREGS, reference::KVM_GET_SREGS()),
             ("KVM_SET_SREGS", host::KVM_SET_SREGS, reference::KVM_SET_SREGS()),
+            ("KVM_INTERRUPT", host::KVM_INTERRUPT, reference::KVM_INTERRUPT()),
             ("KVM_GET_MSRS", host::KVM_GET_MSRS, reference::KVM_GET_MSRS()),
             ("KVM_SET_MSRS", host::KVM_SET_MSRS, reference::KVM_SET_MSRS()),
             ("KVM_GET_FPU", host::KVM_GET_FPU, reference::KVM_GET_FPU()),

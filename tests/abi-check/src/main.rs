@@ -328,6 +328,63 @@ fn msr_checks(c: &mut Checks, kvm: &Kvm) {
             format!("{set_tsc:?} {got:?}"));
 }
 
+/// KVM_INTERRUPT without an in-kernel irqchip: a real-mode guest installs
+/// an IVT entry for vector 0x20, enables interrupts and halts; the queued
+/// interrupt runs its handler (OUT 0x99 of 'I', then IRET back to HLT);
+/// `if_flag` and `ready_for_interrupt_injection` say the guest can take it.
+fn interrupt_checks(c: &mut Checks, kvm: &Kvm) {
+    let code: [u8; 20] = [
+        0x31, 0xc0, // xor ax, ax
+        0x8e, 0xd8, // mov ds, ax
+        0xc7, 0x06, 0x80, 0x00, 0x00, 0x11, // mov word [0x80], 0x1100
+        0xc7, 0x06, 0x82, 0x00, 0x00, 0x00, // mov word [0x82], 0
+        0xfb, // sti
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp hlt
+    ];
+    let handler: [u8; 5] = [0xb0, 0x49, 0xe6, 0x99, 0xcf]; // mov al, 'I'; out 0x99, al; iret
+    let mem = Mapping::new(1 << 20);
+    let Some(vm) = c.success("KVM_CREATE_VM for interrupts", kvm.create_vm()) else { return };
+    if c.success("a slot for the interrupt guest", set_region(&vm, region(0, 0, 1 << 20, mem.hva(), 0))).is_none() {
+        return;
+    }
+    // SAFETY: both copies are inside the 1 MiB mapping.
+    unsafe {
+        std::ptr::copy_nonoverlapping(code.as_ptr(), (mem.addr as *mut u8).add(0x1000), code.len());
+        std::ptr::copy_nonoverlapping(handler.as_ptr(), (mem.addr as *mut u8).add(0x1100), handler.len());
+    }
+    let Some(mut vcpu) = c.success("its vCPU", vm.create_vcpu(0)) else { return };
+    let mut sregs = vcpu.get_sregs().unwrap_or_default();
+    sregs.cs.selector = 0;
+    sregs.cs.base = 0;
+    c.success("KVM_SET_SREGS", vcpu.set_sregs(&sregs));
+    c.success("KVM_SET_REGS", vcpu.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rsp: 0x800, rflags: 2, ..Default::default() }));
+    let first = vcpu.run().map(|e| format!("{e:?}"));
+    c.check("the guest halts with interrupts enabled", first.as_deref() == Ok("Hlt"), format!("{first:?}"));
+    let run = vcpu.get_kvm_run();
+    let (if_flag, ready) = (run.if_flag, run.ready_for_interrupt_injection);
+    c.check("kvm_run says IF is set and an interrupt can be injected", if_flag == 1 && ready == 1,
+            format!("if_flag {if_flag} ready {ready}"));
+    // _IOW(KVMIO, 0x86, struct kvm_interrupt): kvm-ioctls has no wrapper on x86.
+    let interrupt = |vcpu: &kvm_ioctls::VcpuFd, irq: u32| {
+        let arg = kvm_bindings::kvm_interrupt { irq };
+        // SAFETY: KVM_INTERRUPT reads a 4-byte struct from the pointer.
+        let r = unsafe { libc::ioctl(vcpu.as_raw_fd(), 0x4004_ae86, &arg) };
+        if r < 0 { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) } else { Ok(()) }
+    };
+    let r = interrupt(&vcpu, 0x21);
+    c.check("KVM_INTERRUPT of vector 0x21", r.is_ok(), format!("{r:?}"));
+    let r = interrupt(&vcpu, 0x20);
+    c.check("KVM_INTERRUPT of vector 0x20 replaces it (no in-kernel irqchip)", r.is_ok(), format!("{r:?}"));
+    let r = interrupt(&vcpu, 256);
+    c.check("KVM_INTERRUPT of vector 256 fails with EINVAL", r == Err(libc::EINVAL), format!("{r:?}"));
+    let second = vcpu.run().map(|e| format!("{e:x?}"));
+    c.check("the interrupt runs the guest's handler (OUT 0x99 of 'I')",
+            second.as_deref() == Ok("IoOut(99, [49])"), format!("{second:?}"));
+    let third = vcpu.run().map(|e| format!("{e:?}"));
+    c.check("IRET returns to the halt loop", third.as_deref() == Ok("Hlt"), format!("{third:?}"));
+}
+
 /// A state the CPU refuses at VM entry (TR with a non-TSS type: SDM Vol.
 /// 3C, 27.3.1.2) becomes KVM_EXIT_FAIL_ENTRY with the exit reason "VM-entry
 /// failure due to invalid guest state" (0x80000021).
@@ -400,6 +457,7 @@ fn main() -> ExitCode {
     vcpu_checks(&mut c, &kvm);
     fpu_checks(&mut c, &kvm);
     msr_checks(&mut c, &kvm);
+    interrupt_checks(&mut c, &kvm);
     if args.iter().any(|a| a == "--with-invalid-state") {
         fail_entry_checks(&mut c, &kvm);
     }
