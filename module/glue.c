@@ -351,6 +351,19 @@ void rkvm_cr4_clear_vmxe(void)
 }
 
 /*
+ * Every VMX instruction below is followed by VMX_CHECK (VMfail sets CF or
+ * ZF: jump to vmfail; a fault jumps to fault through the exception table)
+ * and ends with VMX_OUTCOME: 0, -EIO on VMfail, -EFAULT on a fault.
+ */
+#define VMX_CHECK "jbe %l[vmfail]\n\t" _ASM_EXTABLE(1b, %l[fault])
+#define VMX_OUTCOME	\
+	return 0;	\
+vmfail:			\
+	return -EIO;	\
+fault:			\
+	return -EFAULT
+
+/*
  * VMXON with the VMXON region at physical address @phys (SDM Vol. 3C, 31.3,
  * "VMXON"). Returns 0 on success, -EIO on VMfail (CF or ZF set), -EFAULT if
  * the instruction faulted (#GP or #UD: CR4.VMXE clear, fixed bits violated,
@@ -359,14 +372,9 @@ void rkvm_cr4_clear_vmxe(void)
 int rkvm_vmxon(u64 phys)
 {
 	asm goto("1: vmxon %[pa]\n\t"
-		 "jbe %l[vmfail]\n\t"
-		 _ASM_EXTABLE(1b, %l[fault])
+		 VMX_CHECK
 		 : : [pa] "m"(phys) : "cc", "memory" : vmfail, fault);
-	return 0;
-vmfail:
-	return -EIO;
-fault:
-	return -EFAULT;
+	VMX_OUTCOME;
 }
 
 /*
@@ -378,14 +386,9 @@ fault:
 int rkvm_vmxoff(void)
 {
 	asm goto("1: vmxoff\n\t"
-		 "jbe %l[vmfail]\n\t"
-		 _ASM_EXTABLE(1b, %l[fault])
+		 VMX_CHECK
 		 : : : "cc", "memory" : vmfail, fault);
-	return 0;
-vmfail:
-	return -EIO;
-fault:
-	return -EFAULT;
+	VMX_OUTCOME;
 }
 
 /*
@@ -400,65 +403,40 @@ fault:
 int rkvm_vmclear(u64 phys)
 {
 	asm goto("1: vmclear %[pa]\n\t"
-		 "jbe %l[vmfail]\n\t"
-		 _ASM_EXTABLE(1b, %l[fault])
+		 VMX_CHECK
 		 : : [pa] "m"(phys) : "cc", "memory" : vmfail, fault);
-	return 0;
-vmfail:
-	return -EIO;
-fault:
-	return -EFAULT;
+	VMX_OUTCOME;
 }
 
 int rkvm_vmptrld(u64 phys)
 {
 	asm goto("1: vmptrld %[pa]\n\t"
-		 "jbe %l[vmfail]\n\t"
-		 _ASM_EXTABLE(1b, %l[fault])
+		 VMX_CHECK
 		 : : [pa] "m"(phys) : "cc", "memory" : vmfail, fault);
-	return 0;
-vmfail:
-	return -EIO;
-fault:
-	return -EFAULT;
+	VMX_OUTCOME;
 }
 
 /* VMREAD into memory: this compiler has no asm goto with outputs. */
 int rkvm_vmread(unsigned long field, u64 *value)
 {
 	asm goto("1: vmread %[field], (%[out])\n\t"
-		 "jbe %l[vmfail]\n\t"
-		 _ASM_EXTABLE(1b, %l[fault])
+		 VMX_CHECK
 		 : : [field] "r"(field), [out] "r"(value) : "cc", "memory" : vmfail, fault);
-	return 0;
-vmfail:
-	return -EIO;
-fault:
-	return -EFAULT;
+	VMX_OUTCOME;
 }
 
 int rkvm_vmwrite(unsigned long field, u64 value)
 {
 	asm goto("1: vmwrite %[value], %[field]\n\t"
-		 "jbe %l[vmfail]\n\t"
-		 _ASM_EXTABLE(1b, %l[fault])
+		 VMX_CHECK
 		 : : [field] "r"(field), [value] "rm"(value) : "cc", "memory" : vmfail, fault);
-	return 0;
-vmfail:
-	return -EIO;
-fault:
-	return -EFAULT;
+	VMX_OUTCOME;
 }
 
 int rkvm_invept(unsigned long type, const u64 *descriptor)
 {
 	asm goto("1: invept (%[desc]), %[type]\n\t"
-		 "jbe %l[vmfail]\n\t"
-		 _ASM_EXTABLE(1b, %l[fault])
+		 VMX_CHECK
 		 : : [type] "r"(type), [desc] "r"(descriptor) : "cc", "memory" : vmfail, fault);
-	return 0;
-vmfail:
-	return -EIO;
-fault:
-	return -EFAULT;
+	VMX_OUTCOME;
 }

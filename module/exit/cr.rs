@@ -12,7 +12,7 @@ use rkvm_core::cpu_state::{efer, GUEST_CR4_ALLOWED};
 use rkvm_core::exit::CrAccess;
 
 use super::{ExitAction, ExitContext};
-use crate::vmx::guest_state::{hardware_cr0, hardware_cr4};
+use crate::vmx::guest_state::{guest_cr0, guest_cr4, hardware_cr0, hardware_cr4};
 
 const PE: u64 = Cr0::CR0_PROTECTED_MODE.bits() as u64;
 const PG: u64 = Cr0::CR0_ENABLE_PAGING.bits() as u64;
@@ -20,18 +20,6 @@ const CD: u64 = Cr0::CR0_CACHE_DISABLE.bits() as u64;
 const NW: u64 = Cr0::CR0_NOT_WRITE_THROUGH.bits() as u64;
 const TS: u64 = Cr0::CR0_TASK_SWITCHED.bits() as u64;
 const PAE: u64 = Cr4::CR4_ENABLE_PAE.bits() as u64;
-
-/// The guest's CR0 as it sees it.
-fn guest_cr0(ctx: &ExitContext<'_, '_>) -> u64 {
-    let mask = ctx.vmcs.read(control::CR0_GUEST_HOST_MASK);
-    (ctx.vmcs.read(control::CR0_READ_SHADOW) & mask) | (ctx.vmcs.read(guest::CR0) & !mask)
-}
-
-/// The guest's CR4 as it sees it.
-fn guest_cr4(ctx: &ExitContext<'_, '_>) -> u64 {
-    let mask = ctx.vmcs.read(control::CR4_GUEST_HOST_MASK);
-    (ctx.vmcs.read(control::CR4_READ_SHADOW) & mask) | (ctx.vmcs.read(guest::CR4) & !mask)
-}
 
 /// MOV to CR0: #GP for reserved bits, PG without PE, NW without CD, or
 /// paging with EFER.LME but not CR4.PAE; entering or leaving paging with
@@ -41,7 +29,7 @@ fn set_cr0(ctx: &mut ExitContext<'_, '_>, value: u64) -> Result<ExitAction> {
     if value >> 32 != 0
         || (value & PG != 0 && value & PE == 0)
         || (value & NW != 0 && value & CD == 0)
-        || (value & PG != 0 && guest_efer & efer::LME != 0 && guest_cr4(ctx) & PAE == 0)
+        || (value & PG != 0 && guest_efer & efer::LME != 0 && guest_cr4(ctx.vmcs) & PAE == 0)
     {
         return ctx.inject_gp();
     }
@@ -100,12 +88,12 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
         }
         CrAccess::MovFrom { .. } => ctx.inject_ud(),
         CrAccess::Clts => {
-            let cr0 = guest_cr0(ctx) & !TS;
+            let cr0 = guest_cr0(ctx.vmcs) & !TS;
             set_cr0(ctx, cr0)
         }
         CrAccess::Lmsw { source } => {
             // LMSW loads CR0 bits 3:0 but cannot clear PE.
-            let cr0 = guest_cr0(ctx);
+            let cr0 = guest_cr0(ctx.vmcs);
             let value = (cr0 & !0xe) | (u64::from(source) & 0xf);
             set_cr0(ctx, value)
         }

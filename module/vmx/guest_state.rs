@@ -46,6 +46,17 @@ pub(crate) fn hardware_cr4(cr4: u64) -> u64 {
     cr4 | CR4_VMXE
 }
 
+/// The guest's view of CR0: host-owned bits from the read shadow, the rest
+/// from the CPU (SDM 25.6.6).
+pub(crate) fn guest_cr0(vmcs: &LoadedVmcs<'_>) -> u64 {
+    (vmcs.read(control::CR0_READ_SHADOW) & CR0_HOST_OWNED) | (vmcs.read(guest::CR0) & !CR0_HOST_OWNED)
+}
+
+/// The guest's view of CR4, as [`guest_cr0`].
+pub(crate) fn guest_cr4(vmcs: &LoadedVmcs<'_>) -> u64 {
+    (vmcs.read(control::CR4_READ_SHADOW) & CR4_HOST_OWNED) | (vmcs.read(guest::CR4) & !CR4_HOST_OWNED)
+}
+
 /// Writes the controls and the fields that never change for a vCPU.
 pub(crate) fn write_controls(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, long_mode: bool) -> Result {
     let c = vm.controls();
@@ -243,10 +254,9 @@ pub(crate) fn read_sregs(vmcs: &LoadedVmcs<'_>, old: &kvm_sregs) -> kvm_sregs {
         ldt: read_segment(vmcs, LDTR),
         gdt: kvm_dtable { base: vmcs.read(guest::GDTR_BASE), limit: vmcs.read(guest::GDTR_LIMIT) as u16, ..Default::default() },
         idt: kvm_dtable { base: vmcs.read(guest::IDTR_BASE), limit: vmcs.read(guest::IDTR_LIMIT) as u16, ..Default::default() },
-        // The guest's view: owned bits from the shadow, the rest from the CPU.
-        cr0: (vmcs.read(control::CR0_READ_SHADOW) & CR0_HOST_OWNED) | (vmcs.read(guest::CR0) & !CR0_HOST_OWNED),
+        cr0: guest_cr0(vmcs),
         cr3: vmcs.read(guest::CR3),
-        cr4: (vmcs.read(control::CR4_READ_SHADOW) & CR4_HOST_OWNED) | (vmcs.read(guest::CR4) & !CR4_HOST_OWNED),
+        cr4: guest_cr4(vmcs),
         efer: vmcs.read(guest::IA32_EFER_FULL),
         ..*old
     }
