@@ -44,8 +44,9 @@ pub(crate) fn get_supported(arg: usize) -> Result<isize> {
     let mut entries = KVec::new();
     let max_basic = host_cpuid(0, 0)[0];
     let max_extended = host_cpuid(0x8000_0000, 0)[0];
-    for (function, index) in cpuid::leaves(max_basic, max_extended) {
-        entries.push(cpuid::supported(function, index, host_cpuid(function, index)), GFP_KERNEL)?;
+    let xsave = crate::fpu::host_xcr0().is_some();
+    for (function, index) in cpuid::leaves(max_basic, max_extended, xsave) {
+        entries.push(cpuid::supported(function, index, host_cpuid(function, index), xsave), GFP_KERNEL)?;
     }
     entries.push(cpuid::hypervisor_leaf(), GFP_KERNEL)?;
 

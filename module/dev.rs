@@ -76,6 +76,11 @@ pub(crate) fn check_extension(cap: usize) -> isize {
         KVM_CAP_IMMEDIATE_EXIT => 1,
         // Deleting a slot with memory_size 0 works.
         KVM_CAP_DESTROY_MEMORY_REGION_WORKS => 1,
+        // KVM_GET/SET_XSAVE and KVM_GET/SET_XCRS, where guests get XSAVE.
+        KVM_CAP_XSAVE | KVM_CAP_XCRS => crate::fpu::host_xcr0().is_some().into(),
+        // KVM_GET/SET_VCPU_EVENTS, KVM_NMI, KVM_SET_GUEST_DEBUG (single
+        // step and software breakpoints).
+        KVM_CAP_VCPU_EVENTS | KVM_CAP_USER_NMI | KVM_CAP_SET_GUEST_DEBUG => 1,
         KVM_CAP_NR_MEMSLOTS => rkvm_core::memslot::MAX_SLOTS as isize,
         KVM_CAP_NR_VCPUS | KVM_CAP_MAX_VCPUS => MAX_VCPUS as isize,
         KVM_CAP_MAX_VCPU_ID => MAX_VCPUS as isize,
@@ -101,6 +106,7 @@ fn system_ioctl(cmd: u32, arg: usize) -> Result<isize> {
         KVM_CREATE_VM => create_vm(arg),
         KVM_GET_VCPU_MMAP_SIZE => Ok((MMAP_PAGES * PAGE_SIZE) as isize),
         KVM_GET_SUPPORTED_CPUID => crate::cpuid::get_supported(arg),
+        KVM_GET_MSR_INDEX_LIST => crate::msrs::get_index_list(arg),
         _ => Err(ENOTTY),
     }
 }

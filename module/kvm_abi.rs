@@ -44,6 +44,9 @@ plain_abi_structs!(
     kvm_fpu,
     kvm_msr_entry,
     kvm_interrupt,
+    kvm_xcrs,
+    kvm_vcpu_events,
+    kvm_guest_debug,
 );
 
 // The layouts the ABI fixes, checked against kvm-bindings by the host tests
@@ -59,4 +62,8 @@ const _: () = {
     assert!(size_of::<kvm_cpuid_entry2>() == 40);
     assert!(size_of::<kvm_fpu>() == 416);
     assert!(size_of::<kvm_msr_entry>() == 16);
+    assert!(size_of::<kvm_xcrs>() == 392);
+    assert!(size_of::<kvm_vcpu_events>() == 64);
+    assert!(size_of::<kvm_guest_debug>() == 72);
+    assert!(size_of::<kvm_xsave>() == 4096);
 };

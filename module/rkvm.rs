@@ -58,6 +58,7 @@ impl kernel::Module for Rkvm {
             );
             return Err(ENODEV);
         }
+        fpu::probe();
         let vmx = vmx::VmxHost::enable(caps)?;
         pr_info!("VMX root operation on {} CPUs; {}\n", vmx.cpus_in_vmx(), vmx.caps());
         let dev = dev::Device::register()?;

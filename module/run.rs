@@ -25,7 +25,7 @@ use rkvm_core::exit::{ExitReason, InterruptionInfo};
 use crate::exit::{self, ExitAction};
 use crate::glue::{self, PreemptDisabled};
 use crate::kvm_abi::*;
-use crate::vcpu::{Vcpu, VcpuState};
+use crate::vcpu::{GuestState, Vcpu, VcpuState};
 use crate::vmx::entry::{self, EntryResult};
 use crate::vmx::guest_state as gs;
 use crate::vmx::insn;
@@ -72,6 +72,14 @@ impl Vcpu {
         exit::io::complete_pending_in(self, &mut state);
         exit::slow::complete_string_in(self, &mut state)?;
         exit::slow::complete_mmio_load(self, &mut state);
+        if state.g.step_done {
+            // The instruction the VMM completed (port I/O, MMIO) was a
+            // step: report it before the guest runs on.
+            let GuestState { sregs, regs, debug, .. } = &state.g;
+            let (cs_base, rip, dr7) = (sregs.cs.base, regs.rip, debug.dr7);
+            exit::debug::report_step(run, &mut state.g, cs_base, rip, dr7);
+            return Ok(0);
+        }
         if immediate_exit != 0 {
             // SAFETY: as above; writing our own page.
             unsafe { (*run).exit_reason = KVM_EXIT_INTR };
@@ -99,22 +107,23 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState, request_window: bool) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
-        let VcpuState { vmcs, regs, sregs, dirty, gprs, pending_in, cr8, cpuid, fpu, msrs, msr_area, debug, pending_irq, .. } = state;
+        let VcpuState { vmcs, g } = state;
         let mut loaded = vmcs.load(&cpu)?;
-        let guest_fpu = crate::fpu::GuestFpu::load(fpu);
-        let first_run = *dirty;
+        let fpu = crate::fpu::GuestFpu::load(&g.fpu);
         let result = (|| -> Result<Stop> {
-            gs::write_controls(&mut loaded, &self.vm, gs::long_mode(sregs))?;
+            gs::write_controls(&mut loaded, &self.vm, gs::long_mode(&g.sregs), g.msr_bitmap.phys())?;
             gs::write_host(&mut loaded, &host)?;
-            gs::write_msrs(&mut loaded, &self.vm, msrs)?;
-            msr_area.load(&mut loaded, msrs)?;
-            if *dirty {
-                gs::write_regs(&mut loaded, regs, gprs)?;
-                gs::write_sregs(&mut loaded, sregs)?;
-                if first_run {
+            gs::write_msrs(&mut loaded, &self.vm, &g.msrs)?;
+            crate::vmx::events::load(&mut loaded, &g.events)?;
+            exit::debug::load(&mut loaded, g)?;
+            g.msr_area.load(&mut loaded, &mut g.msrs)?;
+            if g.dirty {
+                gs::write_regs(&mut loaded, &g.regs, &mut g.gprs)?;
+                gs::write_sregs(&mut loaded, &g.sregs)?;
+                if !loaded.launched {
                     gs::write_reset_extras(&mut loaded)?;
                 }
-                *dirty = false;
+                g.dirty = false;
             }
             // Translations this CPU cached for this EPT may be stale (the
             // vCPU ran elsewhere, or slots changed while it did not run).
@@ -122,10 +131,8 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            let stop = self.inner_loop(
-                &mut loaded, gprs, sregs, pending_in, cr8, cpuid, msrs, msr_area, debug, pending_irq, request_window, &cpu,
-            )?;
-            let (if_flag, ready) = crate::vmx::events::status(&loaded, *pending_irq);
+            let stop = self.inner_loop(&mut loaded, g, &fpu, request_window, &cpu)?;
+            let (if_flag, ready) = crate::vmx::events::status(&loaded, &g.events);
             let run = run_struct(self);
             // SAFETY: our run page.
             unsafe {
@@ -135,10 +142,16 @@ impl Vcpu {
             Ok(stop)
         })();
         // Save what the guest changed, whatever happened.
-        *regs = gs::read_regs(&loaded, gprs);
-        *sregs = gs::read_sregs(&loaded, sregs);
-        msr_area.save(msrs);
-        drop(guest_fpu);
+        g.regs = gs::read_regs(&loaded, &g.gprs);
+        if g.single_stepping() {
+            g.regs.rflags &= !exit::debug::RFLAGS_TF;
+        }
+        crate::vmx::events::save(&loaded, &mut g.events);
+        g.debug.dr7 = loaded.read(x86::vmx::vmcs::guest::DR7);
+        g.sregs = gs::read_sregs(&loaded, &g.sregs);
+        g.msr_area.save(&mut g.msrs);
+        gs::read_msrs(&loaded, &mut g.msrs);
+        fpu.save(&mut g.fpu);
         drop(loaded);
         cpu.restore_host_segments(&host);
         result
@@ -147,15 +160,8 @@ impl Vcpu {
     fn inner_loop(
         &self,
         vmcs: &mut LoadedVmcs<'_>,
-        gprs: &mut entry::GuestRegs,
-        sregs: &mut kvm_sregs,
-        pending_in: &mut Option<crate::vcpu::PendingIn>,
-        cr8: &mut u64,
-        cpuid: &[rkvm_core::cpuid::Entry],
-        msrs: &mut crate::msrs::GuestMsrs,
-        msr_area: &mut crate::vmx::msr_area::MsrArea,
-        debug: &mut crate::exit::dr::DebugRegs,
-        pending_irq: &mut Option<u8>,
+        g: &mut GuestState,
+        fpu: &crate::fpu::GuestFpu,
         request_window: bool,
         cpu: &PreemptDisabled,
     ) -> Result<Stop> {
@@ -169,7 +175,9 @@ impl Vcpu {
             if let Some(ticks) = slice {
                 vmcs.write(x86::vmx::vmcs::guest::VMX_PREEMPTION_TIMER_VALUE, ticks)?;
             }
-            crate::vmx::events::prepare_entry(vmcs, pending_irq, request_window)?;
+            let virtual_nmis = self.vm.controls().virtual_nmis();
+            crate::vmx::events::prepare_entry(vmcs, &mut g.events, request_window, virtual_nmis)?;
+            exit::debug::before_entry(vmcs, g)?;
             glue::local_irq_disable();
             // With interrupts off, the reboot hook's IPI cannot take this
             // CPU out of VMX operation between this check and the entry.
@@ -177,11 +185,13 @@ impl Vcpu {
                 glue::local_irq_enable();
                 return Err(kernel::error::code::EIO);
             }
-            write_cr2(sregs.cr2);
+            write_cr2(g.sregs.cr2);
+            fpu.enter(g.xcr0);
             // SAFETY: interrupts and preemption are off; the VMCS is loaded
             // here with host state for this CPU and checked guest state.
-            let result = unsafe { entry::enter(gprs, vmcs.launched) };
-            sregs.cr2 = read_cr2();
+            let result = unsafe { entry::enter(&mut g.gprs, vmcs.launched) };
+            fpu.exit(g.xcr0);
+            g.sregs.cr2 = read_cr2();
             if result == EntryResult::Exited {
                 vmcs.launched = true;
                 let reason = ExitReason(vmcs.read(ro::EXIT_REASON) as u32);
@@ -201,27 +211,20 @@ impl Vcpu {
                 if reason == rkvm_core::exit::reason::INTERRUPT_WINDOW {
                     // The guest can take an interrupt: a queued one goes in
                     // at the next entry; a VMM that asked is told.
-                    if pending_irq.is_none() && request_window {
+                    if g.events.pending_irq.is_none() && request_window {
                         // SAFETY: our run page.
                         unsafe { (*run).exit_reason = KVM_EXIT_IRQ_WINDOW_OPEN };
                         return Ok(Stop::ToUser);
                     }
                     continue;
                 }
+                if reason == rkvm_core::exit::reason::NMI_WINDOW {
+                    // NMIs are unblocked: the queued one goes in next.
+                    continue;
+                }
             }
             let action = match result {
-                EntryResult::Exited => exit::handle(exit::ExitContext {
-                    vcpu: self,
-                    vmcs: &mut *vmcs,
-                    gprs: &mut *gprs,
-                    pending_in: &mut *pending_in,
-                    cr8: &mut *cr8,
-                    cpuid,
-                    msrs: &mut *msrs,
-                    msr_area: &mut *msr_area,
-                    apic_base: sregs.apic_base,
-                    debug: &mut *debug,
-                })?,
+                EntryResult::Exited => exit::handle(exit::ExitContext { vcpu: self, vmcs: &mut *vmcs, g: &mut *g })?,
                 EntryResult::FailInvalid | EntryResult::FailValid => {
                     let error = vmcs.read(ro::VM_INSTRUCTION_ERROR);
                     pr_warn!("VM entry failed: VM-instruction error {error}\n");
@@ -237,6 +240,12 @@ impl Vcpu {
             match action {
                 ExitAction::ToUser => return Ok(Stop::ToUser),
                 ExitAction::Slow(slow) => return Ok(Stop::Slow(slow)),
+                ExitAction::Resume if g.step_done => {
+                    let (cs_base, rip) = (vmcs.read(x86::vmx::vmcs::guest::CS_BASE), vmcs.read(x86::vmx::vmcs::guest::RIP));
+                    let dr7 = vmcs.read(x86::vmx::vmcs::guest::DR7);
+                    exit::debug::report_step(run, g, cs_base, rip, dr7);
+                    return Ok(Stop::ToUser);
+                }
                 ExitAction::Resume => {}
             }
             if cpu.need_resched() || glue::signal_pending() {

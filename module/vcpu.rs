@@ -22,8 +22,10 @@ use kernel::uaccess::UserSlice;
 use rkvm_core::cpu_state::ControlState;
 
 use crate::file::{self, FileObject, FileOps};
-use crate::fpu::FxArea;
-use crate::msrs::{self, GuestMsrs};
+use crate::fpu::FpuArea;
+use crate::msrs;
+use rkvm_core::events::{EventState, VcpuEvents};
+use rkvm_core::guest_msr::{GuestMsrs, MsrFeatures};
 use crate::glue;
 use crate::kvm_abi::*;
 use crate::mm::Page;
@@ -49,8 +51,17 @@ pub(crate) struct PendingIn {
     pub(crate) size: u8,
 }
 
-/// What the vCPU's mutex protects.
+/// What the vCPU's mutex protects: the VMCS, and everything else about the
+/// guest, kept apart so that the run loop can hold the loaded VMCS and the
+/// guest state at once.
 pub(crate) struct VcpuState {
+    pub(crate) vmcs: Vmcs,
+    pub(crate) g: GuestState,
+}
+
+/// A vCPU's architectural state outside the VMCS, and what is in flight
+/// between the kernel and the VMM.
+pub(crate) struct GuestState {
     /// General-purpose registers, RIP and RFLAGS (authoritative between
     /// runs).
     pub(crate) regs: kvm_regs,
@@ -61,16 +72,21 @@ pub(crate) struct VcpuState {
     pub(crate) dirty: bool,
     /// The registers the entry routine switches.
     pub(crate) gprs: GuestRegs,
-    pub(crate) vmcs: Vmcs,
     pub(crate) pending_in: Option<PendingIn>,
     /// The guest's CR8 (TPR), virtualized: MOV CR8 exits.
     pub(crate) cr8: u64,
     /// The guest's CPUID, from KVM_SET_CPUID2.
     pub(crate) cpuid: KVec<rkvm_core::cpuid::Entry>,
-    /// The guest's x87/SSE registers.
-    pub(crate) fpu: KBox<FxArea>,
+    /// The guest's x87/SSE/AVX registers.
+    pub(crate) fpu: KBox<FpuArea>,
+    /// The guest's XCR0 (x87 only after reset).
+    pub(crate) xcr0: u64,
     /// MSRs kept per vCPU (see msrs.rs).
     pub(crate) msrs: GuestMsrs,
+    /// Which MSRs exist for the guest, from its CPUID.
+    pub(crate) msr_features: MsrFeatures,
+    /// The MSR bitmap (used if the CPU has MSR bitmaps).
+    pub(crate) msr_bitmap: Page,
     /// Set by an INS exit: completed at the next KVM_RUN.
     pub(crate) pending_string_in: Option<crate::exit::slow::PendingStringIn>,
     /// Set by an MMIO load: completed at the next KVM_RUN.
@@ -79,9 +95,29 @@ pub(crate) struct VcpuState {
     pub(crate) msr_area: crate::vmx::msr_area::MsrArea,
     /// DR0-DR3 and DR6 (DR7 is in the VMCS).
     pub(crate) debug: crate::exit::dr::DebugRegs,
-    /// An external interrupt queued by KVM_INTERRUPT, injected as soon as
-    /// the guest can take it (events.rs).
-    pub(crate) pending_irq: Option<u8>,
+    /// Events in flight: one the next entry injects, interrupt and NMI
+    /// blocking, and what KVM_INTERRUPT and KVM_NMI queued (vmx/events.rs).
+    pub(crate) events: EventState,
+    /// KVM_SET_GUEST_DEBUG's `control` (0 when debugging is off).
+    pub(crate) guest_debug: u32,
+    /// Single-stepping, and an instruction rkvm emulated or skipped has
+    /// completed: the VMM gets KVM_EXIT_DEBUG before the guest goes on.
+    pub(crate) step_done: bool,
+}
+
+impl GuestState {
+    /// Whether the VMM single-steps the guest.
+    pub(crate) fn single_stepping(&self) -> bool {
+        self.guest_debug & KVM_GUESTDBG_SINGLESTEP != 0
+    }
+
+    /// An instruction the guest did not execute itself (rkvm skipped or
+    /// emulated it) is done: when single-stepping, that is a step.
+    pub(crate) fn instruction_done(&mut self) {
+        if self.single_stepping() {
+            self.step_done = true;
+        }
+    }
 }
 
 /// A vCPU.
@@ -143,23 +179,32 @@ impl Vcpu {
         let pio_page = Page::alloc_zeroed()?;
         let vmcs = Vmcs::new(vm.caps().basic.revision_id())?;
         let (regs, sregs) = reset_registers(id);
-        let state = VcpuState {
+        let msr_features = MsrFeatures::from_cpuid(&[]);
+        let msr_area = crate::vmx::msr_area::MsrArea::new(vm.controls().rdtscp())?;
+        let mut msr_bitmap = Page::alloc_zeroed()?;
+        msrs::build_bitmap(&mut msr_bitmap, msr_area.switches_tsc_aux(), &msr_features);
+        let g = GuestState {
             regs,
             sregs,
             dirty: true,
             gprs: GuestRegs::default(),
-            vmcs,
             pending_in: None,
             cr8: 0,
             cpuid: KVec::new(),
-            fpu: KBox::new(FxArea::reset(), GFP_KERNEL)?,
-            msrs: GuestMsrs::default(),
+            fpu: KBox::new(FpuArea::reset(), GFP_KERNEL)?,
+            xcr0: rkvm_core::xsave::X87,
+            msrs: GuestMsrs::reset(sregs.apic_base),
+            msr_features,
+            msr_bitmap,
             pending_string_in: None,
             pending_mmio: None,
-            msr_area: crate::vmx::msr_area::MsrArea::new()?,
+            msr_area,
             debug: Default::default(),
-            pending_irq: None,
+            events: EventState::default(),
+            guest_debug: 0,
+            step_done: false,
         };
+        let state = VcpuState { vmcs, g };
         let vcpu = Arc::pin_init(
             pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),
             GFP_KERNEL,
@@ -187,8 +232,19 @@ impl Vcpu {
         };
         control.validate(GUEST_PHYS_ADDR_BITS).map_err(|_| EINVAL)?;
         let mut state = self.state.lock();
-        state.sregs = sregs;
-        state.dirty = true;
+        // As KVM: CR4 bits the guest's CPUID does not offer, or an APIC
+        // base the MSR would refuse, fail the ioctl.
+        if sregs.cr4 & x86::controlregs::Cr4::CR4_ENABLE_OS_XSAVE.bits() as u64 != 0
+            && !crate::exit::cr::osxsave_allowed(&state.g.cpuid)
+        {
+            return Err(EINVAL);
+        }
+        if !rkvm_core::guest_msr::valid_apic_base(sregs.apic_base, &state.g.msr_features) {
+            return Err(EINVAL);
+        }
+        state.g.msrs.apic_base = sregs.apic_base;
+        state.g.sregs = sregs;
+        state.g.dirty = true;
         Ok(0)
     }
 }
@@ -210,23 +266,124 @@ impl Vcpu {
         let mut reader = UserSlice::new(arg, 8 + nmsrs as usize * entry_size).reader();
         reader.skip(8)?;
         let mut state = self.state.lock();
-        let VcpuState { msrs: kept, sregs, dirty, .. } = &mut *state;
+        let GuestState { msrs: kept, msr_features, sregs, dirty, .. } = &mut state.g;
         let mut done = 0;
         for i in 0..nmsrs as usize {
             let mut entry: kvm_msr_entry = reader.read()?;
             if set {
-                if !msrs::set(kept, sregs, entry.index, entry.data) {
+                if !msrs::set(kept, sregs, msr_features, entry.index, entry.data) {
                     break;
                 }
                 *dirty = true;
             } else {
-                let Some(value) = msrs::get(kept, sregs, entry.index) else { break };
+                let Some(value) = msrs::get(kept, sregs, msr_features, entry.index) else { break };
                 entry.data = value;
                 UserSlice::new(arg + 8 + i * entry_size, entry_size).writer().write(&entry)?;
             }
             done += 1;
         }
         Ok(done)
+    }
+}
+
+fn events_to_kvm(e: &VcpuEvents) -> kvm_vcpu_events {
+    // SAFETY: all-zero is a valid `kvm_vcpu_events` (integers only).
+    let mut k: kvm_vcpu_events = unsafe { core::mem::zeroed() };
+    k.exception.injected = e.exception_injected.into();
+    k.exception.nr = e.exception_nr;
+    k.exception.has_error_code = e.exception_has_error_code.into();
+    k.exception.error_code = e.exception_error_code;
+    k.interrupt.injected = e.interrupt_injected.into();
+    k.interrupt.nr = e.interrupt_nr;
+    k.interrupt.soft = e.interrupt_soft.into();
+    k.interrupt.shadow = e.interrupt_shadow;
+    k.nmi.injected = e.nmi_injected.into();
+    k.nmi.pending = e.nmi_pending.into();
+    k.nmi.masked = e.nmi_masked.into();
+    k.flags = e.flags;
+    k
+}
+
+fn events_from_kvm(k: &kvm_vcpu_events) -> VcpuEvents {
+    VcpuEvents {
+        exception_injected: k.exception.injected != 0,
+        exception_nr: k.exception.nr,
+        exception_has_error_code: k.exception.has_error_code != 0,
+        exception_pending: k.exception.pending != 0,
+        exception_error_code: k.exception.error_code,
+        interrupt_injected: k.interrupt.injected != 0,
+        interrupt_nr: k.interrupt.nr,
+        interrupt_soft: k.interrupt.soft != 0,
+        interrupt_shadow: k.interrupt.shadow,
+        nmi_injected: k.nmi.injected != 0,
+        nmi_pending: k.nmi.pending != 0,
+        nmi_masked: k.nmi.masked != 0,
+        flags: k.flags,
+        smm: k.smi.smm != 0,
+        smi_pending: k.smi.pending != 0,
+    }
+}
+
+/// A zeroed `struct kvm_xsave` (4 KiB: too big for the kernel stack).
+fn xsave_buffer() -> Result<KBox<[u8; 4096]>> {
+    let buf = KBox::<[u8; 4096]>::new_uninit(GFP_KERNEL)?;
+    Ok(buf.write([0; 4096]))
+}
+
+/// The most XCRs `struct kvm_xcrs` carries (KVM_MAX_XCRS).
+const MAX_XCRS: u32 = 16;
+
+impl Vcpu {
+    /// KVM_SET_GUEST_DEBUG: single-stepping and software breakpoints
+    /// (api.rst 4.59); hardware breakpoints and injection flags are not
+    /// implemented (EINVAL).
+    fn set_guest_debug(&self, control: u32) -> Result<isize> {
+        let supported = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_SW_BP;
+        if control & !supported != 0 {
+            return Err(EINVAL);
+        }
+        let mut state = self.state.lock();
+        state.g.guest_debug = if control & KVM_GUESTDBG_ENABLE != 0 { control } else { 0 };
+        if !state.g.single_stepping() {
+            state.g.step_done = false;
+        }
+        // RFLAGS (TF) and the exception bitmap are rewritten at entry.
+        state.g.dirty = true;
+        Ok(0)
+    }
+
+    /// KVM_GET_XCRS: XCR0, or nothing on a host without XSAVE for guests.
+    fn get_xcrs(&self, arg: usize) -> Result<isize> {
+        // SAFETY: all-zero is a valid `kvm_xcrs` (integers only).
+        let mut xcrs: kvm_xcrs = unsafe { core::mem::zeroed() };
+        if crate::fpu::host_xcr0().is_some() {
+            xcrs.nr_xcrs = 1;
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = self.state.lock().g.xcr0;
+        }
+        Self::get(arg, &xcrs)
+    }
+
+    /// KVM_SET_XCRS: XCR0 checked as XSETBV checks it (other XCR numbers
+    /// are ignored, as in KVM).
+    ///
+    /// # Errors
+    /// `EINVAL` without XSAVE for guests, for nonzero flags, too many
+    /// entries, or an XCR0 the guest's CPUID does not allow.
+    fn set_xcrs(&self, arg: usize) -> Result<isize> {
+        let xcrs: kvm_xcrs = Self::read(arg)?;
+        if crate::fpu::host_xcr0().is_none() || xcrs.flags != 0 || xcrs.nr_xcrs > MAX_XCRS {
+            return Err(EINVAL);
+        }
+        let mut state = self.state.lock();
+        if let Some(x) = xcrs.xcrs[..xcrs.nr_xcrs as usize].iter().find(|x| x.xcr == 0) {
+            let allowed = crate::exit::xsetbv::allowed_xcr0(&state.g.cpuid);
+            if !rkvm_core::xsave::valid_xcr0(x.value, allowed) {
+                return Err(EINVAL);
+            }
+            state.g.xcr0 = x.value;
+        }
+        Ok(0)
     }
 }
 
@@ -237,36 +394,70 @@ impl FileObject for Vcpu {
         match cmd {
             KVM_RUN if arg == 0 => this.run(),
             KVM_RUN => Err(EINVAL),
-            KVM_GET_REGS => Self::get(arg, &this.state.lock().regs),
+            KVM_GET_REGS => Self::get(arg, &this.state.lock().g.regs),
             KVM_SET_REGS => {
                 let regs: kvm_regs = Self::read(arg)?;
                 let mut state = this.state.lock();
-                state.regs = regs;
-                state.dirty = true;
+                state.g.regs = regs;
+                state.g.dirty = true;
                 Ok(0)
             }
-            KVM_GET_SREGS => Self::get(arg, &this.state.lock().sregs),
+            KVM_GET_SREGS => {
+                let state = this.state.lock();
+                Self::get(arg, &kvm_sregs { apic_base: state.g.msrs.apic_base, ..state.g.sregs })
+            }
             KVM_SET_SREGS => this.set_sregs(arg),
             KVM_INTERRUPT => {
                 let irq: kvm_interrupt = Self::read(arg)?;
                 // As KVM without an in-kernel irqchip: one queued vector; a
                 // new one replaces it.
                 let vector = u8::try_from(irq.irq).map_err(|_| EINVAL)?;
-                this.state.lock().pending_irq = Some(vector);
+                this.state.lock().g.events.pending_irq = Some(vector);
                 Ok(0)
+            }
+            KVM_NMI => {
+                this.state.lock().g.events.nmi_pending = true;
+                Ok(0)
+            }
+            KVM_GET_VCPU_EVENTS => Self::get(arg, &events_to_kvm(&this.state.lock().g.events.to_kvm())),
+            KVM_SET_VCPU_EVENTS => {
+                let events: kvm_vcpu_events = Self::read(arg)?;
+                this.state.lock().g.events.set_from_kvm(&events_from_kvm(&events)).map_err(|_| EINVAL)?;
+                Ok(0)
+            }
+            KVM_SET_GUEST_DEBUG => {
+                let debug: kvm_guest_debug = Self::read(arg)?;
+                this.set_guest_debug(debug.control)
             }
             KVM_GET_MSRS => this.msr_ioctl(arg, false),
             KVM_SET_MSRS => this.msr_ioctl(arg, true),
-            KVM_GET_FPU => Self::get(arg, &this.state.lock().fpu.to_kvm()),
+            KVM_GET_FPU => Self::get(arg, &this.state.lock().g.fpu.to_kvm()),
             KVM_SET_FPU => {
                 let fpu: kvm_fpu = Self::read(arg)?;
-                let area = FxArea::from_kvm(&fpu)?;
-                *this.state.lock().fpu = area;
+                this.state.lock().g.fpu.set_from_kvm(&fpu)?;
                 Ok(0)
             }
+            KVM_GET_XSAVE => {
+                let mut buf = xsave_buffer()?;
+                this.state.lock().g.fpu.to_uabi(&mut buf);
+                UserSlice::new(arg, buf.len()).writer().write_slice(&buf[..])?;
+                Ok(0)
+            }
+            KVM_SET_XSAVE => {
+                let mut buf = xsave_buffer()?;
+                UserSlice::new(arg, buf.len()).reader().read_slice(&mut buf[..])?;
+                this.state.lock().g.fpu.set_from_uabi(&buf)?;
+                Ok(0)
+            }
+            KVM_GET_XCRS => this.get_xcrs(arg),
+            KVM_SET_XCRS => this.set_xcrs(arg),
             KVM_SET_CPUID2 => {
                 let table = crate::cpuid::read_table(arg)?;
-                this.state.lock().cpuid = table;
+                let mut state = this.state.lock();
+                let state = &mut state.g;
+                state.msr_features = MsrFeatures::from_cpuid(&table);
+                msrs::build_bitmap(&mut state.msr_bitmap, state.msr_area.switches_tsc_aux(), &state.msr_features);
+                state.cpuid = table;
                 Ok(0)
             }
             _ => Err(ENOTTY),

@@ -20,6 +20,7 @@ const CD: u64 = Cr0::CR0_CACHE_DISABLE.bits() as u64;
 const NW: u64 = Cr0::CR0_NOT_WRITE_THROUGH.bits() as u64;
 const TS: u64 = Cr0::CR0_TASK_SWITCHED.bits() as u64;
 const PAE: u64 = Cr4::CR4_ENABLE_PAE.bits() as u64;
+const OSXSAVE: u64 = Cr4::CR4_ENABLE_OS_XSAVE.bits() as u64;
 
 /// MOV to CR0: #GP for reserved bits, PG without PE, NW without CD, or
 /// paging with EFER.LME but not CR4.PAE; entering or leaving paging with
@@ -46,9 +47,16 @@ fn set_cr0(ctx: &mut ExitContext<'_, '_>, value: u64) -> Result<ExitAction> {
     Ok(ExitAction::Resume)
 }
 
-/// MOV to CR4: #GP for bits the vCPU does not support (VMXE among them).
+/// Whether the guest may set CR4.OSXSAVE: its CPUID offers XSAVE and the
+/// host lets guests use it.
+pub(crate) fn osxsave_allowed(cpuid: &[rkvm_core::cpuid::Entry]) -> bool {
+    crate::fpu::host_xcr0().is_some() && rkvm_core::cpuid::lookup(cpuid, 1, 0)[2] & (1 << 26) != 0
+}
+
+/// MOV to CR4: #GP for bits the vCPU does not support (VMXE among them),
+/// and for OSXSAVE unless the guest's CPUID offers XSAVE.
 fn set_cr4(ctx: &mut ExitContext<'_, '_>, value: u64) -> Result<ExitAction> {
-    if value & !GUEST_CR4_ALLOWED != 0 {
+    if value & !GUEST_CR4_ALLOWED != 0 || (value & OSXSAVE != 0 && !osxsave_allowed(&ctx.g.cpuid)) {
         return ctx.inject_gp();
     }
     ctx.vmcs.write(control::CR4_READ_SHADOW, value)?;
@@ -62,7 +70,7 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
     match CrAccess::decode(ctx.vmcs.read(ro::EXIT_QUALIFICATION)) {
         CrAccess::MovTo { cr, gpr } => {
             // RSP is not among the saved registers: it is in the VMCS.
-            let value = if gpr == 4 { ctx.vmcs.read(guest::RSP) } else { ctx.gprs.0[usize::from(gpr)] };
+            let value = if gpr == 4 { ctx.vmcs.read(guest::RSP) } else { ctx.g.gprs.0[usize::from(gpr)] };
             match cr {
                 0 => set_cr0(ctx, value),
                 4 => set_cr4(ctx, value),
@@ -70,7 +78,7 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
                     if value >> 4 != 0 {
                         return ctx.inject_gp();
                     }
-                    *ctx.cr8 = value;
+                    ctx.g.cr8 = value;
                     ctx.skip_instruction()?;
                     Ok(ExitAction::Resume)
                 }
@@ -79,9 +87,9 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
         }
         CrAccess::MovFrom { cr: 8, gpr } => {
             if gpr == 4 {
-                ctx.vmcs.write(guest::RSP, *ctx.cr8)?;
+                ctx.vmcs.write(guest::RSP, ctx.g.cr8)?;
             } else {
-                ctx.gprs.0[usize::from(gpr)] = *ctx.cr8;
+                ctx.g.gprs.0[usize::from(gpr)] = ctx.g.cr8;
             }
             ctx.skip_instruction()?;
             Ok(ExitAction::Resume)

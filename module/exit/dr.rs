@@ -18,12 +18,14 @@ use super::{ExitAction, ExitContext};
 pub(crate) struct DebugRegs {
     pub(crate) dr: [u64; 4],
     pub(crate) dr6: u64,
+    /// DR7 as the last exit left it (the VMCS holds the live value).
+    pub(crate) dr7: u64,
 }
 
 impl Default for DebugRegs {
     fn default() -> Self {
         // DR6 reads 0xffff0ff0 after reset (SDM Vol. 3A, Table 10-1).
-        Self { dr: [0; 4], dr6: 0xffff_0ff0 }
+        Self { dr: [0; 4], dr6: 0xffff_0ff0, dr7: 0x400 }
     }
 }
 
@@ -42,22 +44,22 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
     let gpr = usize::from(a.gpr);
     if a.read {
         let value = match dr {
-            0..=3 => ctx.debug.dr[usize::from(dr)],
-            6 => ctx.debug.dr6,
+            0..=3 => ctx.g.debug.dr[usize::from(dr)],
+            6 => ctx.g.debug.dr6,
             _ => ctx.vmcs.read(guest::DR7),
         };
         if gpr == 4 {
             ctx.vmcs.write(guest::RSP, value)?;
         } else {
-            ctx.gprs.0[gpr] = value;
+            ctx.g.gprs.0[gpr] = value;
         }
     } else {
-        let value = if gpr == 4 { ctx.vmcs.read(guest::RSP) } else { ctx.gprs.0[gpr] };
+        let value = if gpr == 4 { ctx.vmcs.read(guest::RSP) } else { ctx.g.gprs.0[gpr] };
         match dr {
-            0..=3 => ctx.debug.dr[usize::from(dr)] = value,
+            0..=3 => ctx.g.debug.dr[usize::from(dr)] = value,
             _ if value >> 32 != 0 => return ctx.inject_gp(),
             // DR6 bits 4-11, 16-31 read as 1; DR7 bit 10 reads as 1.
-            6 => ctx.debug.dr6 = value | 0xffff_0ff0,
+            6 => ctx.g.debug.dr6 = value | 0xffff_0ff0,
             _ => ctx.vmcs.write(guest::DR7, value | 0x400)?,
         }
     }

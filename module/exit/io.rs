@@ -38,9 +38,9 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
     let size = usize::from(io.size);
     let pio = ctx.vcpu.pio_page.as_ptr().cast_mut();
     if io.is_in {
-        *ctx.pending_in = Some(PendingIn { size: io.size });
+        ctx.g.pending_in = Some(PendingIn { size: io.size });
     } else {
-        let value = ctx.gprs.0[0].to_le_bytes();
+        let value = ctx.g.gprs.0[0].to_le_bytes();
         // SAFETY: the PIO page is ours (4 KiB); `size` is at most 4.
         unsafe { core::ptr::copy_nonoverlapping(value.as_ptr(), pio, size) };
     }
@@ -68,17 +68,17 @@ pub(crate) fn report(run: *mut kvm_run, io: &IoQualification, count: u32) {
 /// Moves the VMM's data for the last IN into the guest's accumulator: AL and
 /// AX merge into RAX, EAX zero-extends (as KVM's complete_fast_pio_in).
 pub(crate) fn complete_pending_in(vcpu: &Vcpu, state: &mut VcpuState) {
-    let Some(PendingIn { size }) = state.pending_in.take() else { return };
+    let Some(PendingIn { size }) = state.g.pending_in.take() else { return };
     let mut bytes = [0u8; 8];
     // SAFETY: the PIO page is ours; the VMM may be writing it concurrently,
     // which only changes the value the guest reads.
     unsafe { core::ptr::copy_nonoverlapping(vcpu.pio_page.as_ptr(), bytes.as_mut_ptr(), usize::from(size)) };
     let data = u64::from_le_bytes(bytes);
-    let rax = state.regs.rax;
-    state.regs.rax = match size {
+    let rax = state.g.regs.rax;
+    state.g.regs.rax = match size {
         1 => (rax & !0xff) | data,
         2 => (rax & !0xffff) | data,
         _ => data,
     };
-    state.dirty = true;
+    state.g.dirty = true;
 }

@@ -7,10 +7,12 @@
 //! Context: preemption disabled, interrupts enabled, the VMCS loaded.
 
 pub(crate) mod cr;
+pub(crate) mod debug;
 pub(crate) mod dr;
 pub(crate) mod io;
 pub(crate) mod msr;
 pub(crate) mod slow;
+pub(crate) mod xsetbv;
 
 use kernel::error::Result;
 use x86::vmx::vmcs::{control, guest, ro};
@@ -20,8 +22,7 @@ use rkvm_core::exit::{reason, ExitReason, InterruptionInfo};
 use crate::glue;
 use crate::kvm_abi::*;
 use crate::run::run_struct;
-use crate::vcpu::{PendingIn, Vcpu};
-use crate::vmx::entry::GuestRegs;
+use crate::vcpu::{GuestState, Vcpu};
 use crate::vmx::vmcs::LoadedVmcs;
 
 /// What happens after an exit.
@@ -39,21 +40,8 @@ pub(crate) enum ExitAction {
 pub(crate) struct ExitContext<'a, 'v> {
     pub(crate) vcpu: &'a Vcpu,
     pub(crate) vmcs: &'a mut LoadedVmcs<'v>,
-    pub(crate) gprs: &'a mut GuestRegs,
-    /// Set by an IN exit: completed at the next KVM_RUN.
-    pub(crate) pending_in: &'a mut Option<PendingIn>,
-    /// The guest's CR8.
-    pub(crate) cr8: &'a mut u64,
-    /// The guest's CPUID table.
-    pub(crate) cpuid: &'a [rkvm_core::cpuid::Entry],
-    /// MSRs kept per vCPU.
-    pub(crate) msrs: &'a mut crate::msrs::GuestMsrs,
-    /// The switched MSRs' guest values, current during the run.
-    pub(crate) msr_area: &'a mut crate::vmx::msr_area::MsrArea,
-    /// IA32_APIC_BASE (read-only to the guest until the APIC is emulated).
-    pub(crate) apic_base: u64,
-    /// DR0-DR3 and DR6.
-    pub(crate) debug: &'a mut dr::DebugRegs,
+    /// The guest's registers and state outside the VMCS.
+    pub(crate) g: &'a mut GuestState,
 }
 
 impl ExitContext<'_, '_> {
@@ -73,6 +61,7 @@ impl ExitContext<'_, '_> {
         if blocking & 3 != 0 {
             self.vmcs.write(guest::INTERRUPTIBILITY_STATE, blocking & !3)?;
         }
+        self.g.instruction_done();
         Ok(())
     }
 
@@ -133,7 +122,15 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
         // when interrupts came back on.
         // The time slice ran out: the run loop checks for signals and
         // rescheduling, then resumes.
-        reason::EXCEPTION_NMI | reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => Ok(ExitAction::Resume),
+        reason::EXCEPTION_NMI => {
+            let info = InterruptionInfo(ctx.vmcs.read(ro::VMEXIT_INTERRUPTION_INFO) as u32);
+            match info.vector() {
+                // Intercepted only while the VMM debugs the guest.
+                1 | 3 if !info.is_nmi() => debug::exception(&mut ctx, info.vector()),
+                _ => Ok(ExitAction::Resume),
+            }
+        }
+        reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => Ok(ExitAction::Resume),
         reason::TRIPLE_FAULT => {
             // SAFETY: our run page.
             unsafe { (*ctx.run()).exit_reason = KVM_EXIT_SHUTDOWN };
@@ -141,6 +138,8 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
         }
         reason::HLT => {
             ctx.skip_instruction()?;
+            // As KVM: the VMM sees the HLT, not a single-step.
+            ctx.g.step_done = false;
             // SAFETY: our run page.
             unsafe { (*ctx.run()).exit_reason = KVM_EXIT_HLT };
             Ok(ExitAction::ToUser)
@@ -155,9 +154,11 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
         reason::IO_INSTRUCTION => io::handle(&mut ctx),
         reason::CR_ACCESS => cr::handle(&mut ctx),
         reason::DR_ACCESS => dr::handle(&mut ctx),
-        // INVD would drop the host's dirty cache lines: done as a no-op
-        // (the caches stay coherent; what WBINVD would also do is not needed).
-        reason::INVD => {
+        // INVD would drop the host's dirty cache lines, and WBINVD flush
+        // every cache of the host: both are no-ops (EPT maps guest memory
+        // write-back and no device does non-coherent DMA, so the caches
+        // never hold anything a guest must see written back).
+        reason::INVD | reason::WBINVD => {
             ctx.skip_instruction()?;
             Ok(ExitAction::Resume)
         }
@@ -166,6 +167,7 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
         reason::RDPMC => ctx.inject_gp(),
         // CPUID hides MONITOR/MWAIT: #UD, as on a CPU without them.
         reason::MONITOR | reason::MWAIT => ctx.inject_ud(),
+        reason::XSETBV => xsetbv::handle(&mut ctx),
         reason::RDMSR => msr::rdmsr(&mut ctx),
         reason::WRMSR => msr::wrmsr(&mut ctx),
         // The guest may not use VMX: #UD, as on a CPU without it (CPUID
@@ -179,13 +181,16 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
 /// lacks, as KVM): EAX selects the leaf, ECX the sub-leaf; the results go to
 /// EAX, EBX, ECX, EDX with the upper halves cleared.
 fn cpuid(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
-    let [eax, ebx, ecx, edx] =
-        rkvm_core::cpuid::lookup(ctx.cpuid, ctx.gprs.0[0] as u32, ctx.gprs.0[1] as u32);
+    let (function, index) = (ctx.g.gprs.0[0] as u32, ctx.g.gprs.0[1] as u32);
+    let mut result = rkvm_core::cpuid::lookup(&ctx.g.cpuid, function, index);
+    let osxsave = crate::vmx::guest_state::guest_cr4(ctx.vmcs) & x86::controlregs::Cr4::CR4_ENABLE_OS_XSAVE.bits() as u64 != 0;
+    rkvm_core::cpuid::runtime(function, index, &mut result, osxsave, ctx.g.xcr0);
+    let [eax, ebx, ecx, edx] = result;
     // GuestRegs order: RAX, RCX, RDX, RBX.
-    ctx.gprs.0[0] = eax.into();
-    ctx.gprs.0[1] = ecx.into();
-    ctx.gprs.0[2] = edx.into();
-    ctx.gprs.0[3] = ebx.into();
+    ctx.g.gprs.0[0] = eax.into();
+    ctx.g.gprs.0[1] = ecx.into();
+    ctx.g.gprs.0[2] = edx.into();
+    ctx.g.gprs.0[3] = ebx.into();
     ctx.skip_instruction()?;
     Ok(ExitAction::Resume)
 }

@@ -166,13 +166,13 @@ fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()>
         return Ok(());
     }
     let mut bytes = [0u8; 15];
-    let linear = state.sregs.cs.base.wrapping_add(state.regs.rip);
+    let linear = state.g.sregs.cs.base.wrapping_add(state.g.regs.rip);
     let mut got = 0;
-    while got < bytes.len() && copy_linear(&mut view, &state.sregs, linear + got as u64, &mut bytes[got..got + 1], false).is_ok() {
+    while got < bytes.len() && copy_linear(&mut view, &state.g.sregs, linear + got as u64, &mut bytes[got..got + 1], false).is_ok() {
         got += 1;
     }
     drop(view);
-    let Some(mov) = decode::decode_mov(&bytes[..got], code_size(&state.sregs)) else {
+    let Some(mov) = decode::decode_mov(&bytes[..got], code_size(&state.g.sregs)) else {
         internal_error(vcpu, KVM_INTERNAL_ERROR_EMULATION);
         return Ok(());
     };
@@ -181,7 +181,7 @@ fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()>
     let mut data = [0u8; 8];
     let is_write = match mov.access {
         Access::StoreReg(r) => {
-            let v = *gpr(&mut state.regs, r.index);
+            let v = *gpr(&mut state.g.regs, r.index);
             let v = if r.high_byte { v >> 8 } else { v };
             data = v.to_le_bytes();
             true
@@ -191,7 +191,7 @@ fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()>
             true
         }
         Access::Load(reg) => {
-            state.pending_mmio = Some(PendingMmioLoad { reg, size: mov.size, len: mov.len });
+            state.g.pending_mmio = Some(PendingMmioLoad { reg, size: mov.size, len: mov.len });
             false
         }
     };
@@ -206,8 +206,9 @@ fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()>
         m.is_write = is_write.into();
     }
     if is_write {
-        state.regs.rip = state.regs.rip.wrapping_add(mov.len.into());
-        state.dirty = true;
+        state.g.regs.rip = state.g.regs.rip.wrapping_add(mov.len.into());
+        state.g.instruction_done();
+        state.g.dirty = true;
     }
     Ok(())
 }
@@ -216,14 +217,14 @@ fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()>
 /// register (8- and 16-bit loads merge, 32-bit loads zero-extend) and moves
 /// RIP past the MOV.
 pub(crate) fn complete_mmio_load(vcpu: &Vcpu, state: &mut VcpuState) {
-    let Some(p) = state.pending_mmio.take() else { return };
+    let Some(p) = state.g.pending_mmio.take() else { return };
     let run = run_struct(vcpu);
     // SAFETY: our run page; the VMM may have written `data` (untrusted).
     let data = unsafe { core::ptr::read_volatile(&(*run).__bindgen_anon_1.mmio.data) };
     let mut raw = [0u8; 8];
     raw[..usize::from(p.size)].copy_from_slice(&data[..usize::from(p.size)]);
     let value = u64::from_le_bytes(raw);
-    let reg = gpr(&mut state.regs, p.reg.index);
+    let reg = gpr(&mut state.g.regs, p.reg.index);
     *reg = match (p.size, p.reg.high_byte) {
         (1, true) => (*reg & !0xff00) | (value << 8),
         (1, false) => (*reg & !0xff) | value,
@@ -231,8 +232,9 @@ pub(crate) fn complete_mmio_load(vcpu: &Vcpu, state: &mut VcpuState) {
         (4, _) => value,
         _ => value,
     };
-    state.regs.rip = state.regs.rip.wrapping_add(p.len.into());
-    state.dirty = true;
+    state.g.regs.rip = state.g.regs.rip.wrapping_add(p.len.into());
+    state.g.instruction_done();
+    state.g.dirty = true;
 }
 
 /// Finishes a slow exit; the result is KVM_RUN's.
@@ -242,12 +244,13 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
         SlowExit::Mmio { gpa, fetch } => return mmio(vcpu, state, gpa, fetch),
     };
     let size = usize::from(io.size);
-    let regs = &mut state.regs;
+    let regs = &mut state.g.regs;
     let count_reg = regs.rcx & mask(address_bits);
     if io.rep && count_reg == 0 {
         // REP with a zero count does nothing.
         regs.rip = regs.rip.wrapping_add(instruction_len);
-        state.dirty = true;
+        state.g.dirty = true;
+        state.g.instruction_done();
         return Ok(());
     }
     let count = if io.rep { count_reg.min((PAGE_SIZE / size) as u64) } else { 1 } as u32;
@@ -255,7 +258,7 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
     let run = run_struct(vcpu);
     let pio = vcpu.pio_page.as_ptr().cast_mut();
     if io.is_in {
-        state.pending_string_in = Some(PendingStringIn {
+        state.g.pending_string_in = Some(PendingStringIn {
             size: io.size,
             count,
             linear,
@@ -270,7 +273,7 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
             let offset = i * size as u64;
             let element = if backwards { linear.wrapping_sub(offset) } else { linear.wrapping_add(offset) };
             let mut data = [0u8; 4];
-            copy_linear(&mut view, &state.sregs, element, &mut data[..size], false)?;
+            copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], false)?;
             // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE.
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pio.add(offset as usize), size) };
         }
@@ -284,7 +287,7 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
 /// for REP, and moves RIP past the instruction once it is done.
 #[allow(clippy::too_many_arguments)]
 fn advance(state: &mut VcpuState, count: u32, size: usize, bits: u32, rep: bool, len: u64, is_in: bool, backwards: bool) {
-    let regs = &mut state.regs;
+    let regs = &mut state.g.regs;
     let delta = u64::from(count) * size as u64;
     let pointer = if is_in { &mut regs.rdi } else { &mut regs.rsi };
     let moved = if backwards { pointer.wrapping_sub(delta) } else { pointer.wrapping_add(delta) };
@@ -298,14 +301,15 @@ fn advance(state: &mut VcpuState, count: u32, size: usize, bits: u32, rep: bool,
     };
     if done {
         regs.rip = regs.rip.wrapping_add(len);
+        state.g.instruction_done();
     }
-    state.dirty = true;
+    state.g.dirty = true;
 }
 
 /// Copies the VMM's data for the last INS into guest memory (at the start
 /// of the next KVM_RUN).
 pub(crate) fn complete_string_in(vcpu: &Vcpu, state: &mut VcpuState) -> Result {
-    let Some(p) = state.pending_string_in.take() else { return Ok(()) };
+    let Some(p) = state.g.pending_string_in.take() else { return Ok(()) };
     let size = usize::from(p.size);
     let pio = vcpu.pio_page.as_ptr();
     let mut view = vcpu.vm.memory();
@@ -315,7 +319,7 @@ pub(crate) fn complete_string_in(vcpu: &Vcpu, state: &mut VcpuState) -> Result {
         let mut data = [0u8; 4];
         // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE.
         unsafe { core::ptr::copy_nonoverlapping(pio.add(offset as usize), data.as_mut_ptr(), size) };
-        copy_linear(&mut view, &state.sregs, element, &mut data[..size], true)?;
+        copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], true)?;
     }
     drop(view);
     advance(state, p.count, size, p.address_bits, p.rep, p.instruction_len, true, p.backwards);

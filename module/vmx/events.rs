@@ -1,6 +1,8 @@
 //! Event injection (SDM Vol. 3C, 27.6 "Event Injection"):
 //! - an event whose delivery an exit interrupted (IDT-vectoring information,
 //!   28.2.4) is injected again at the next entry, so it is not lost;
+//! - an NMI queued by KVM_NMI is injected when NMIs are not blocked, with
+//!   NMI-window exiting until then;
 //! - an external interrupt queued by KVM_INTERRUPT is injected when the
 //!   guest can take it (RFLAGS.IF set, no STI or MOV SS blocking: 26.3.1.5);
 //!   until then interrupt-window exiting (26.7.5) brings the loop back as
@@ -9,28 +11,53 @@
 //!   VMM then sees KVM_EXIT_IRQ_WINDOW_OPEN; `if_flag` and
 //!   `ready_for_interrupt_injection` tell it where the guest stands.
 //!
+//! - between runs all of it is in `rkvm_core::events::EventState`, which
+//!   KVM_GET/SET_VCPU_EVENTS read and write.
+//!
 //! Context: VMCS loaded, preemption disabled.
 
 use kernel::error::Result;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
 
+use rkvm_core::events::{EventState, BLOCKING_MOV_SS, BLOCKING_NMI, BLOCKING_STI};
 use rkvm_core::exit::InterruptionInfo;
 
 use super::vmcs::LoadedVmcs;
 
 const RFLAGS_IF: u64 = 1 << 9;
-/// Interruptibility state: blocking by STI (bit 0) or MOV SS (bit 1).
-const BLOCKING_STI_MOVSS: u64 = 3;
 
 /// Whether the guest accepts an external interrupt now.
 pub(crate) fn interruptible(vmcs: &LoadedVmcs<'_>) -> bool {
-    vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0 && vmcs.read(guest::INTERRUPTIBILITY_STATE) & BLOCKING_STI_MOVSS == 0
+    let blocking = vmcs.read(guest::INTERRUPTIBILITY_STATE) as u32;
+    vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0 && blocking & (BLOCKING_STI | BLOCKING_MOV_SS) == 0
+}
+
+/// Whether the guest accepts an NMI now (as KVM: not while NMIs are
+/// blocked, nor in an STI or MOV SS shadow; 26.3.1.5).
+fn nmi_allowed(vmcs: &LoadedVmcs<'_>) -> bool {
+    vmcs.read(guest::INTERRUPTIBILITY_STATE) as u32 & (BLOCKING_STI | BLOCKING_MOV_SS | BLOCKING_NMI) == 0
 }
 
 /// Whether the next entry already injects an event.
 fn entry_event_pending(vmcs: &LoadedVmcs<'_>) -> bool {
     InterruptionInfo(vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32).valid()
+}
+
+/// Before a run: the events kept between runs into the VMCS.
+pub(crate) fn load(vmcs: &mut LoadedVmcs<'_>, e: &EventState) -> Result {
+    vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, e.entry_info.into())?;
+    vmcs.write(control::VMENTRY_EXCEPTION_ERR_CODE, e.error_code.into())?;
+    vmcs.write(control::VMENTRY_INSTRUCTION_LEN, e.instruction_len.into())?;
+    vmcs.write(guest::INTERRUPTIBILITY_STATE, e.interruptibility.into())
+}
+
+/// After a run: what is still to be injected and the blocking state.
+pub(crate) fn save(vmcs: &LoadedVmcs<'_>, e: &mut EventState) {
+    e.entry_info = vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32;
+    e.error_code = vmcs.read(control::VMENTRY_EXCEPTION_ERR_CODE) as u32;
+    e.instruction_len = vmcs.read(control::VMENTRY_INSTRUCTION_LEN) as u32;
+    e.interruptibility = vmcs.read(guest::INTERRUPTIBILITY_STATE) as u32;
 }
 
 /// After an exit: re-inject the event it interrupted, if any (bit 12, "NMI
@@ -50,8 +77,8 @@ pub(crate) fn reinject_vectored_event(vmcs: &mut LoadedVmcs<'_>) -> Result {
     vmcs.write(control::VMENTRY_INSTRUCTION_LEN, len)
 }
 
-fn set_window_exiting(vmcs: &mut LoadedVmcs<'_>, on: bool) -> Result {
-    let bit = u64::from(PrimaryControls::INTERRUPT_WINDOW_EXITING.bits());
+fn set_exiting(vmcs: &mut LoadedVmcs<'_>, bit: PrimaryControls, on: bool) -> Result {
+    let bit = u64::from(bit.bits());
     let current = vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
     let wanted = if on { current | bit } else { current & !bit };
     if wanted != current {
@@ -60,22 +87,31 @@ fn set_window_exiting(vmcs: &mut LoadedVmcs<'_>, on: bool) -> Result {
     Ok(())
 }
 
-/// Before an entry: inject the queued interrupt if the guest can take it,
-/// else ask for an interrupt-window exit; ask for one as well if the VMM
-/// requested the window.
-pub(crate) fn prepare_entry(vmcs: &mut LoadedVmcs<'_>, pending_irq: &mut Option<u8>, request_window: bool) -> Result {
-    if let Some(vector) = *pending_irq {
+/// Before an entry: inject a queued NMI, else the queued interrupt, if the
+/// guest can take it; otherwise ask for an NMI-window (with virtual NMIs,
+/// 26.7.6) or interrupt-window exit (26.7.5), which brings the loop back as
+/// soon as it can. The interrupt window is also opened if the VMM asked.
+pub(crate) fn prepare_entry(vmcs: &mut LoadedVmcs<'_>, e: &mut EventState, request_window: bool, virtual_nmis: bool) -> Result {
+    if e.nmi_pending && !entry_event_pending(vmcs) && nmi_allowed(vmcs) {
+        let info = InterruptionInfo::new(2, InterruptionInfo::NMI, false);
+        vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.0.into())?;
+        e.nmi_pending = false;
+    }
+    if let Some(vector) = e.pending_irq {
         if !entry_event_pending(vmcs) && interruptible(vmcs) {
             let info = InterruptionInfo::new(vector, InterruptionInfo::EXTERNAL, false);
             vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.0.into())?;
-            *pending_irq = None;
+            e.pending_irq = None;
         }
     }
-    set_window_exiting(vmcs, pending_irq.is_some() || request_window)
+    if virtual_nmis {
+        set_exiting(vmcs, PrimaryControls::NMI_WINDOW_EXITING, e.nmi_pending)?;
+    }
+    set_exiting(vmcs, PrimaryControls::INTERRUPT_WINDOW_EXITING, e.pending_irq.is_some() || request_window)
 }
 
 /// `kvm_run.if_flag` and `ready_for_interrupt_injection` for the VMM.
-pub(crate) fn status(vmcs: &LoadedVmcs<'_>, pending_irq: Option<u8>) -> (bool, bool) {
+pub(crate) fn status(vmcs: &LoadedVmcs<'_>, e: &EventState) -> (bool, bool) {
     let if_flag = vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0;
-    (if_flag, pending_irq.is_none() && !entry_event_pending(vmcs) && interruptible(vmcs))
+    (if_flag, e.pending_irq.is_none() && !entry_event_pending(vmcs) && interruptible(vmcs))
 }

@@ -13,10 +13,11 @@
 //!   exits and raises #GP.
 
 use kernel::error::Result;
-use x86::controlregs::Cr0;
+use x86::controlregs::{Cr0, Cr4};
 use x86::vmx::vmcs::{control, guest, host};
 
 use rkvm_core::cpu_state::{efer, GUEST_CR4_ALLOWED};
+use rkvm_core::guest_msr::GuestMsrs;
 use rkvm_core::segment::Segment;
 
 use super::entry;
@@ -33,8 +34,9 @@ const CR0_NW: u64 = Cr0::CR0_NOT_WRITE_THROUGH.bits() as u64;
 
 /// CR0 bits the host owns.
 pub(crate) const CR0_HOST_OWNED: u64 = CR0_NE | CR0_CD | CR0_NW;
-/// CR4 bits the host owns: VMXE and everything the guest may not set.
-pub(crate) const CR4_HOST_OWNED: u64 = !GUEST_CR4_ALLOWED;
+/// CR4 bits the host owns: VMXE and everything the guest may not set, and
+/// OSXSAVE, which a guest may set only if its CPUID offers XSAVE.
+pub(crate) const CR4_HOST_OWNED: u64 = !GUEST_CR4_ALLOWED | Cr4::CR4_ENABLE_OS_XSAVE.bits() as u64;
 
 /// The CR0 the CPU runs the guest with, for the guest's `cr0`.
 pub(crate) fn hardware_cr0(cr0: u64) -> u64 {
@@ -58,7 +60,7 @@ pub(crate) fn guest_cr4(vmcs: &LoadedVmcs<'_>) -> u64 {
 }
 
 /// Writes the controls and the fields that never change for a vCPU.
-pub(crate) fn write_controls(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, long_mode: bool) -> Result {
+pub(crate) fn write_controls(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, long_mode: bool, msr_bitmap: u64) -> Result {
     let c = vm.controls();
     vmcs.write(control::PINBASED_EXEC_CONTROLS, c.pinbased.into())?;
     vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, c.procbased.into())?;
@@ -70,10 +72,12 @@ pub(crate) fn write_controls(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, long_mode: bool
     vmcs.write(control::VMEXIT_MSR_STORE_COUNT, 0)?;
     vmcs.write(control::VMEXIT_MSR_LOAD_COUNT, 0)?;
     vmcs.write(control::VMENTRY_MSR_LOAD_COUNT, 0)?;
-    vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0)?;
     vmcs.write(control::CR0_GUEST_HOST_MASK, CR0_HOST_OWNED)?;
     vmcs.write(control::CR4_GUEST_HOST_MASK, CR4_HOST_OWNED)?;
     vmcs.write(control::EPTP_FULL, vm.eptp())?;
+    if c.msr_bitmaps() {
+        vmcs.write(control::MSR_BITMAPS_ADDR_FULL, msr_bitmap)?;
+    }
     // No VMCS shadowing: the link pointer must be all ones (26.3.1.5).
     vmcs.write(guest::LINK_PTR_FULL, u64::MAX)?;
     Ok(())
@@ -230,11 +234,10 @@ pub(crate) fn write_sregs(vmcs: &mut LoadedVmcs<'_>, s: &kvm_sregs) -> Result {
 }
 
 /// Fields that are not part of `kvm_sregs`, at their reset values; written
-/// on the first run only.
+/// on the first run only (the interruptibility state is an event: events.rs).
 pub(crate) fn write_reset_extras(vmcs: &mut LoadedVmcs<'_>) -> Result {
     vmcs.write(guest::DR7, 0x400)?;
     vmcs.write(guest::IA32_DEBUGCTL_FULL, 0)?;
-    vmcs.write(guest::INTERRUPTIBILITY_STATE, 0)?;
     vmcs.write(guest::ACTIVITY_STATE, 0)?;
     vmcs.write(guest::PENDING_DBG_EXCEPTIONS, 0)?;
     Ok(())
@@ -264,7 +267,7 @@ pub(crate) fn read_sregs(vmcs: &LoadedVmcs<'_>, old: &kvm_sregs) -> kvm_sregs {
 
 /// Copies the MSRs the CPU loads at entry from the per-vCPU copies, and the
 /// TSC offset (when the CPU offsets the TSC).
-pub(crate) fn write_msrs(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, m: &crate::msrs::GuestMsrs) -> Result {
+pub(crate) fn write_msrs(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, m: &GuestMsrs) -> Result {
     vmcs.write(guest::IA32_PAT_FULL, m.pat)?;
     vmcs.write(guest::IA32_SYSENTER_CS, m.sysenter_cs)?;
     vmcs.write(guest::IA32_SYSENTER_ESP, m.sysenter_esp)?;
@@ -273,6 +276,16 @@ pub(crate) fn write_msrs(vmcs: &mut LoadedVmcs<'_>, vm: &Vm, m: &crate::msrs::Gu
         vmcs.write(control::TSC_OFFSET_FULL, m.tsc_offset)?;
     }
     Ok(())
+}
+
+/// After a run: the MSRs the CPU saved into the VMCS at the last exit
+/// (SYSENTER_* always, 28.3.1; PAT by the exit control), which the guest
+/// may have written without exits.
+pub(crate) fn read_msrs(vmcs: &LoadedVmcs<'_>, m: &mut GuestMsrs) {
+    m.pat = vmcs.read(guest::IA32_PAT_FULL);
+    m.sysenter_cs = vmcs.read(guest::IA32_SYSENTER_CS);
+    m.sysenter_esp = vmcs.read(guest::IA32_SYSENTER_ESP);
+    m.sysenter_eip = vmcs.read(guest::IA32_SYSENTER_EIP);
 }
 
 /// Whether the guest is in IA-32e mode (EFER.LMA).

@@ -80,7 +80,9 @@ pub mod layout {
 /// Defines the KVM ioctl numbers rkvm implements, as `u32` constants named
 /// as in KVM, in the current module, computed from the structs of module
 /// `$kvm` (which must define `kvm_cpuid2`, `kvm_userspace_memory_region`,
-/// `kvm_regs`, `kvm_sregs`, `kvm_msrs`, `kvm_fpu`, `kvm_interrupt`).
+/// `kvm_regs`, `kvm_sregs`, `kvm_msrs`, `kvm_msr_list`, `kvm_fpu`,
+/// `kvm_interrupt`, `kvm_guest_debug`, `kvm_vcpu_events`, `kvm_xsave`,
+/// `kvm_xcrs`).
 #[macro_export]
 macro_rules! kvm_ioctl_numbers {
     ($kvm:path) => {
@@ -92,6 +94,8 @@ macro_rules! kvm_ioctl_numbers {
         pub const KVM_GET_API_VERSION: u32 = io(0x00);
         /// KVM_CREATE_VM
         pub const KVM_CREATE_VM: u32 = io(0x01);
+        /// KVM_GET_MSR_INDEX_LIST
+        pub const KVM_GET_MSR_INDEX_LIST: u32 = iowr::<kvm_abi_structs::kvm_msr_list>(0x02);
         /// KVM_CHECK_EXTENSION (also a VM ioctl)
         pub const KVM_CHECK_EXTENSION: u32 = io(0x03);
         /// KVM_GET_VCPU_MMAP_SIZE
@@ -133,6 +137,22 @@ macro_rules! kvm_ioctl_numbers {
         pub const KVM_SET_FPU: u32 = iow::<kvm_abi_structs::kvm_fpu>(0x8d);
         /// KVM_SET_CPUID2
         pub const KVM_SET_CPUID2: u32 = iow::<kvm_abi_structs::kvm_cpuid2>(0x90);
+        /// KVM_NMI
+        pub const KVM_NMI: u32 = io(0x9a);
+        /// KVM_SET_GUEST_DEBUG
+        pub const KVM_SET_GUEST_DEBUG: u32 = iow::<kvm_abi_structs::kvm_guest_debug>(0x9b);
+        /// KVM_GET_VCPU_EVENTS
+        pub const KVM_GET_VCPU_EVENTS: u32 = ior::<kvm_abi_structs::kvm_vcpu_events>(0x9f);
+        /// KVM_SET_VCPU_EVENTS
+        pub const KVM_SET_VCPU_EVENTS: u32 = iow::<kvm_abi_structs::kvm_vcpu_events>(0xa0);
+        /// KVM_GET_XSAVE
+        pub const KVM_GET_XSAVE: u32 = ior::<kvm_abi_structs::kvm_xsave>(0xa4);
+        /// KVM_SET_XSAVE
+        pub const KVM_SET_XSAVE: u32 = iow::<kvm_abi_structs::kvm_xsave>(0xa5);
+        /// KVM_GET_XCRS
+        pub const KVM_GET_XCRS: u32 = ior::<kvm_abi_structs::kvm_xcrs>(0xa6);
+        /// KVM_SET_XCRS
+        pub const KVM_SET_XCRS: u32 = iow::<kvm_abi_structs::kvm_xcrs>(0xa7);
     };
 }
 
@@ -170,6 +190,15 @@ mod tests {
         ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
         ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
         ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+        ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+        ioctl_io_nr!(KVM_NMI, KVMIO, 0x9a);
+        ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
+        ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+        ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+        ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+        ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
+        ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+        ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
     }
 
     #[test]
@@ -195,6 +224,15 @@ mod tests {
             ("KVM_GET_FPU", host::KVM_GET_FPU, reference::KVM_GET_FPU()),
             ("KVM_SET_FPU", host::KVM_SET_FPU, reference::KVM_SET_FPU()),
             ("KVM_SET_CPUID2", host::KVM_SET_CPUID2, reference::KVM_SET_CPUID2()),
+            ("KVM_GET_MSR_INDEX_LIST", host::KVM_GET_MSR_INDEX_LIST, reference::KVM_GET_MSR_INDEX_LIST()),
+            ("KVM_NMI", host::KVM_NMI, reference::KVM_NMI()),
+            ("KVM_SET_GUEST_DEBUG", host::KVM_SET_GUEST_DEBUG, reference::KVM_SET_GUEST_DEBUG()),
+            ("KVM_GET_VCPU_EVENTS", host::KVM_GET_VCPU_EVENTS, reference::KVM_GET_VCPU_EVENTS()),
+            ("KVM_SET_VCPU_EVENTS", host::KVM_SET_VCPU_EVENTS, reference::KVM_SET_VCPU_EVENTS()),
+            ("KVM_GET_XSAVE", host::KVM_GET_XSAVE, reference::KVM_GET_XSAVE()),
+            ("KVM_SET_XSAVE", host::KVM_SET_XSAVE, reference::KVM_SET_XSAVE()),
+            ("KVM_GET_XCRS", host::KVM_GET_XCRS, reference::KVM_GET_XCRS()),
+            ("KVM_SET_XCRS", host::KVM_SET_XCRS, reference::KVM_SET_XCRS()),
         ];
         for (name, ours, theirs) in pairs {
             assert_eq!(u64::from(*ours), *theirs, "{name}");

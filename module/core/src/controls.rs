@@ -46,14 +46,18 @@ impl Controls {
     ///   are enabled) and on NMIs (handed to the host's NMI handler); the
     ///   VMX-preemption timer where the CPU has it, as a time slice that
     ///   brings the host back even if an interrupt exit is missed (Bochs
-    ///   2.7 misses them while the guest's RFLAGS.IF is 0);
+    ///   2.7 misses them while the guest's RFLAGS.IF is 0); virtual NMIs
+    ///   where the CPU has them (the CPU tracks the guest's NMI blocking and
+    ///   NMI-window exiting works: 25.3, 26.7.6);
     /// - processor-based: exit on HLT, on every I/O instruction, on MOV CR8
     ///   (no TPR shadow: a guest must not reach the host's TPR), on MOV DR,
-    ///   RDPMC, MONITOR and MWAIT; no MSR bitmap, so every RDMSR/WRMSR exits;
-    ///   secondary controls on; TSC offsetting where available (the guest's
-    ///   TSC is writable without RDTSC exits);
+    ///   RDPMC, MONITOR and MWAIT; secondary controls on; TSC offsetting
+    ///   where available (the guest's TSC is writable without RDTSC exits);
+    ///   MSR bitmaps where available (otherwise every RDMSR/WRMSR exits,
+    ///   which is slower but as correct);
     /// - secondary: EPT and unrestricted guest (real mode and unpaged
-    ///   protected mode run natively); RDTSCP if the CPU has it;
+    ///   protected mode run natively); RDTSCP if the CPU has it; WBINVD
+    ///   exiting if available (a guest must not flush the host's caches);
     /// - exit: 64-bit host, save/load IA32_EFER and IA32_PAT;
     /// - entry: load IA32_EFER and IA32_PAT ("IA-32e mode guest" is set per
     ///   entry from the guest's EFER.LMA).
@@ -65,7 +69,7 @@ impl Controls {
             "pin-based",
             caps.pinbased,
             (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING).bits(),
-            PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
+            (PinbasedControls::VMX_PREEMPTION_TIMER | PinbasedControls::VIRTUAL_NMIS).bits(),
         )?;
         let procbased = adjust(
             "processor-based",
@@ -80,7 +84,7 @@ impl Controls {
                 | PrimaryControls::MWAIT_EXITING
                 | PrimaryControls::SECONDARY_CONTROLS)
                 .bits(),
-            PrimaryControls::USE_TSC_OFFSETTING.bits(),
+            (PrimaryControls::USE_TSC_OFFSETTING | PrimaryControls::USE_MSR_BITMAPS).bits(),
         )?;
         // CR3 load/store exiting may be 0 with EPT (A.3.2, TRUE controls):
         // the adjust above keeps them only if the CPU forces them.
@@ -88,7 +92,7 @@ impl Controls {
             "secondary processor-based",
             caps.procbased2,
             (SecondaryControls::ENABLE_EPT | SecondaryControls::UNRESTRICTED_GUEST).bits(),
-            SecondaryControls::ENABLE_RDTSCP.bits(),
+            (SecondaryControls::ENABLE_RDTSCP | SecondaryControls::WBINVD_EXITING).bits(),
         )?;
         let exit = adjust(
             "VM-exit",
@@ -113,6 +117,21 @@ impl Controls {
     /// Whether RDTSC and the TSC MSR are offset by the VMCS TSC offset.
     pub fn tsc_offsetting(&self) -> bool {
         self.procbased & PrimaryControls::USE_TSC_OFFSETTING.bits() != 0
+    }
+
+    /// Whether the guest may run RDTSCP (else it raises #UD: 26.3).
+    pub fn rdtscp(&self) -> bool {
+        self.procbased2 & SecondaryControls::ENABLE_RDTSCP.bits() != 0
+    }
+
+    /// Whether MSR accesses go through an MSR bitmap.
+    pub fn msr_bitmaps(&self) -> bool {
+        self.procbased & PrimaryControls::USE_MSR_BITMAPS.bits() != 0
+    }
+
+    /// Whether the CPU tracks virtual-NMI blocking (NMI-window exiting).
+    pub fn virtual_nmis(&self) -> bool {
+        self.pinbased & PinbasedControls::VIRTUAL_NMIS.bits() != 0
     }
 
     /// Whether the VMX-preemption timer is on.
@@ -163,6 +182,7 @@ mod tests {
         assert_eq!(c.exit & ExitControls::ACK_INTERRUPT_ON_EXIT.bits(), 0);
         assert!(c.preemption_timer(), "Bochs has the preemption timer");
         assert!(c.tsc_offsetting());
+        assert!(c.rdtscp() && c.msr_bitmaps() && c.virtual_nmis());
     }
 
     #[test]

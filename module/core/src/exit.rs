@@ -10,6 +10,7 @@ pub mod reason {
     pub const TRIPLE_FAULT: u16 = 2;
     pub const INIT_SIGNAL: u16 = 3;
     pub const INTERRUPT_WINDOW: u16 = 7;
+    pub const NMI_WINDOW: u16 = 8;
     pub const TASK_SWITCH: u16 = 9;
     pub const CPUID: u16 = 10;
     pub const HLT: u16 = 12;

@@ -20,12 +20,15 @@ pub mod cpu_state;
 pub mod cpuid;
 pub mod decode;
 pub mod ept;
+pub mod events;
 pub mod exit;
 pub mod fixed;
+pub mod guest_msr;
 pub mod memslot;
 pub mod msr;
 pub mod segment;
 pub mod walk;
+pub mod xsave;
 
 #[cfg(test)]
 mod testdata;
