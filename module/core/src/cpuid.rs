@@ -72,8 +72,8 @@ const EXT1_ECX: u32 = (1 << 0) | (1 << 5) | (1 << 8);
 pub fn leaves(host_max_basic: u32, host_max_extended: u32, xsave: bool) -> impl Iterator<Item = (u32, u32)> {
     let basic = 0..=host_max_basic.min(MAX_BASIC);
     let extended = 0x8000_0000..=host_max_extended.min(MAX_EXTENDED);
-    let xsave_subleaves = if xsave && host_max_basic >= 0xd { 1..=2 } else { 1..=0 };
-    basic.chain(extended).map(|f| (f, 0)).chain(xsave_subleaves.map(|i| (0xd, i)))
+    let last_xsave_subleaf = if xsave && host_max_basic >= 0xd { 2 } else { 0 };
+    basic.chain(extended).map(|f| (f, 0)).chain((1..=last_xsave_subleaf).map(|i| (0xd, i)))
 }
 
 /// Whether `function`'s result depends on ECX.

@@ -269,7 +269,7 @@ impl GuestMsrs {
             IA32_MTRR_DEF_TYPE => ok(value & !0xcff == 0 && mtrr_type(value as u8))?,
             _ if FIXED_MTRRS.contains(&index) => ok(value.to_le_bytes().iter().all(|&t| mtrr_type(t)))?,
             _ if (IA32_MTRR_PHYSBASE0..IA32_MTRR_PHYSBASE0 + 2 * VARIABLE_MTRRS).contains(&index) => {
-                if (index - IA32_MTRR_PHYSBASE0) % 2 == 0 {
+                if (index - IA32_MTRR_PHYSBASE0).is_multiple_of(2) {
                     ok(value & (phys | 0xf00) == 0 && mtrr_type(value as u8))?;
                 } else {
                     // PHYSMASK: V is bit 11; bits 10:0 reserved.
