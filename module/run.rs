@@ -54,6 +54,17 @@ fn write_cr2(v: u64) {
     unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack, preserves_flags)) };
 }
 
+/// While single-stepping, after an instruction finished outside the guest:
+/// KVM_EXIT_DEBUG with the next instruction's address. True if reported.
+fn report_step_between_runs(run: *mut kvm_run, g: &mut GuestState) -> bool {
+    if !g.step_done {
+        return false;
+    }
+    let (cs_base, rip, dr7) = (g.sregs.cs.base, g.regs.rip, g.debug.dr7);
+    exit::debug::report_step(run, g, cs_base, rip, dr7);
+    true
+}
+
 /// The shared `struct kvm_run`.
 pub(crate) fn run_struct(vcpu: &Vcpu) -> *mut kvm_run {
     vcpu.run_page.as_ptr().cast_mut().cast()
@@ -72,12 +83,9 @@ impl Vcpu {
         exit::io::complete_pending_in(self, &mut state);
         exit::slow::complete_string_in(self, &mut state)?;
         exit::slow::complete_mmio_load(self, &mut state);
-        if state.g.step_done {
-            // The instruction the VMM completed (port I/O, MMIO) was a
-            // step: report it before the guest runs on.
-            let GuestState { sregs, regs, debug, .. } = &state.g;
-            let (cs_base, rip, dr7) = (sregs.cs.base, regs.rip, debug.dr7);
-            exit::debug::report_step(run, &mut state.g, cs_base, rip, dr7);
+        // The instruction the VMM completed (port I/O, MMIO) was a step:
+        // report it before the guest runs on.
+        if report_step_between_runs(run, &mut state.g) {
             return Ok(0);
         }
         if immediate_exit != 0 {
@@ -95,8 +103,13 @@ impl Vcpu {
                 Stop::ToUser => return Ok(0),
                 Stop::Yield => glue::cond_resched(),
                 Stop::Slow(slow) => {
-                    exit::slow::handle(self, &mut state, slow)?;
-                    return Ok(0);
+                    if exit::slow::handle(self, &mut state, slow)? {
+                        return Ok(0);
+                    }
+                    // An emulated instruction (REP with RCX = 0) was a step.
+                    if report_step_between_runs(run, &mut state.g) {
+                        return Ok(0);
+                    }
                 }
             }
         }
@@ -143,9 +156,6 @@ impl Vcpu {
         })();
         // Save what the guest changed, whatever happened.
         g.regs = gs::read_regs(&loaded, &g.gprs);
-        if g.single_stepping() {
-            g.regs.rflags &= !exit::debug::RFLAGS_TF;
-        }
         crate::vmx::events::save(&loaded, &mut g.events);
         g.debug.dr7 = loaded.read(x86::vmx::vmcs::guest::DR7);
         g.sregs = gs::read_sregs(&loaded, &g.sregs);

@@ -32,6 +32,7 @@ use crate::mm::Page;
 use crate::vm::Vm;
 use crate::vmx::entry::GuestRegs;
 use crate::vmx::vmcs::Vmcs;
+use crate::exit::debug::RFLAGS_TF;
 
 /// Pages a VMM maps from the vCPU fd (KVM_GET_VCPU_MMAP_SIZE): `struct
 /// kvm_run`, then the port-I/O data page at KVM_PIO_PAGE_OFFSET.
@@ -343,11 +344,18 @@ impl Vcpu {
             return Err(EINVAL);
         }
         let mut state = self.state.lock();
+        let was_stepping = state.g.single_stepping();
         state.g.guest_debug = if control & KVM_GUESTDBG_ENABLE != 0 { control } else { 0 };
-        if !state.g.single_stepping() {
+        if state.g.single_stepping() {
+            state.g.regs.rflags |= RFLAGS_TF;
+        } else {
             state.g.step_done = false;
+            if was_stepping {
+                state.g.regs.rflags &= !RFLAGS_TF;
+            }
         }
-        // RFLAGS (TF) and the exception bitmap are rewritten at entry.
+        // RFLAGS is written back at the next entry, and the exception
+        // bitmap at every run.
         state.g.dirty = true;
         Ok(0)
     }
@@ -394,10 +402,21 @@ impl FileObject for Vcpu {
         match cmd {
             KVM_RUN if arg == 0 => this.run(),
             KVM_RUN => Err(EINVAL),
-            KVM_GET_REGS => Self::get(arg, &this.state.lock().g.regs),
+            KVM_GET_REGS => {
+                let state = this.state.lock();
+                let mut regs = state.g.regs;
+                if state.g.single_stepping() {
+                    // The TF rkvm set is not the guest's (exit/debug.rs).
+                    regs.rflags &= !RFLAGS_TF;
+                }
+                Self::get(arg, &regs)
+            }
             KVM_SET_REGS => {
-                let regs: kvm_regs = Self::read(arg)?;
+                let mut regs: kvm_regs = Self::read(arg)?;
                 let mut state = this.state.lock();
+                if state.g.single_stepping() {
+                    regs.rflags |= RFLAGS_TF;
+                }
                 state.g.regs = regs;
                 state.g.dirty = true;
                 Ok(0)

@@ -1,8 +1,11 @@
 //! Guest debugging for the VMM (KVM_SET_GUEST_DEBUG, api.rst 4.59), as KVM
 //! does it on VMX:
-//! - single-step: RFLAGS.TF is set in the guest before every entry and #DB
-//!   exits (exception bitmap bit 1); after each instruction the guest runs
-//!   the #DB trap exits and the VMM sees KVM_EXIT_DEBUG with the next RIP.
+//! - single-step: RFLAGS.TF is set in the guest when the VMM turns stepping
+//!   on (and on KVM_SET_REGS while it is on) and #DB exits (exception bitmap
+//!   bit 1); after each instruction the guest runs, the #DB trap exits and
+//!   the VMM sees KVM_EXIT_DEBUG with the next RIP. As on KVM, delivering an
+//!   exception or interrupt clears TF, so a handler runs unstepped until its
+//!   IRET restores the flags.
 //!   An instruction rkvm emulates or skips (CPUID, port I/O, MMIO...) does
 //!   not trap on the CPU, so completing it is reported as a step too
 //!   (`GuestState::instruction_done`), as KVM's `kvm_vcpu_do_singlestep`;
@@ -11,6 +14,7 @@
 //!
 //! TF is hidden from KVM_GET_REGS while stepping (KVM hides it too); a
 //! guest that reads its own RFLAGS with PUSHF sees it, as under KVM.
+//! (`GuestState::regs` keeps the real value.)
 //!
 //! Context: VMCS loaded, preemption disabled.
 
@@ -45,17 +49,12 @@ pub(crate) fn load(vmcs: &mut LoadedVmcs<'_>, g: &GuestState) -> Result {
     vmcs.write(control::EXCEPTION_BITMAP, bitmap)
 }
 
-/// Before each entry while single-stepping: TF on (the guest may have
-/// cleared it with POPF or IRET). In an STI or MOV SS shadow the trap is
-/// pending rather than immediate, which the VMCS must say (26.3.1.5: BS set
-/// when TF is 1 and such blocking is in effect).
+/// Before each entry while single-stepping: in an STI or MOV SS shadow the
+/// single-step trap is pending rather than immediate, which the VMCS must
+/// say (26.3.1.5: BS set when TF is 1 and such blocking is in effect).
 pub(crate) fn before_entry(vmcs: &mut LoadedVmcs<'_>, g: &GuestState) -> Result {
-    if !g.single_stepping() {
+    if !g.single_stepping() || vmcs.read(guest::RFLAGS) & RFLAGS_TF == 0 {
         return Ok(());
-    }
-    let rflags = vmcs.read(guest::RFLAGS);
-    if rflags & RFLAGS_TF == 0 {
-        vmcs.write(guest::RFLAGS, rflags | RFLAGS_TF)?;
     }
     if vmcs.read(guest::INTERRUPTIBILITY_STATE) as u32 & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 {
         let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);

@@ -98,21 +98,55 @@ impl GuestPhysical for VmMemoryView<'_> {
     }
 }
 
+/// Why an emulated access to guest-linear memory failed.
+#[derive(Debug, Clone, Copy)]
+enum CopyError {
+    /// The guest's page tables do not map `linear`: the guest gets #PF.
+    PageFault { linear: u64 },
+    /// The page tables or the page are outside guest RAM: KVM_RUN fails
+    /// with EFAULT, as KVM's emulator does for such accesses.
+    Efault,
+}
+
+impl From<CopyError> for kernel::error::Error {
+    fn from(_: CopyError) -> Self {
+        EFAULT
+    }
+}
+
 /// Copies between guest-linear memory and `buf`, byte by byte through the
 /// guest's page tables.
-fn copy_linear(mem: &mut VmMemoryView<'_>, sregs: &kvm_sregs, linear: u64, buf: &mut [u8], to_guest: bool) -> Result {
+fn copy_linear(mem: &mut VmMemoryView<'_>, sregs: &kvm_sregs, linear: u64, buf: &mut [u8], to_guest: bool) -> Result<(), CopyError> {
     let p = paging(sregs);
     for (i, b) in buf.iter_mut().enumerate() {
-        let gpa = walk::translate(mem, &p, linear.wrapping_add(i as u64)).map_err(|_| EFAULT)?;
+        let address = linear.wrapping_add(i as u64);
+        let gpa = walk::translate(mem, &p, address).map_err(|e| match e {
+            walk::WalkError::NotPresent => CopyError::PageFault { linear: address },
+            walk::WalkError::OutsideRam => CopyError::Efault,
+        })?;
         let mut one = [*b];
         if to_guest {
-            mem.write(gpa, &one)?;
+            mem.write(gpa, &one).map_err(|_| CopyError::Efault)?;
         } else {
-            mem.read(gpa, &mut one)?;
+            mem.read(gpa, &mut one).map_err(|_| CopyError::Efault)?;
             *b = one[0];
         }
     }
     Ok(())
+}
+
+/// Raises #PF in the guest for an emulated access to `linear` that its page
+/// tables do not map (SDM Vol. 3A, 5.7: CR2 = the address; error code P=0,
+/// W/R = the access, U/S = CPL 3). The instruction does not complete: the
+/// guest's handler sees RIP at it, as for a fault on real hardware.
+fn inject_page_fault(state: &mut VcpuState, linear: u64, write: bool) {
+    let user = state.g.sregs.ss.dpl == 3;
+    let code = (u32::from(write) << 1) | (u32::from(user) << 2);
+    let info = rkvm_core::exit::InterruptionInfo::new(14, rkvm_core::exit::InterruptionInfo::HARDWARE_EXCEPTION, true);
+    state.g.events.entry_info = info.0;
+    state.g.events.error_code = code;
+    state.g.sregs.cr2 = linear;
+    state.g.dirty = true;
 }
 
 /// The 64-bit register `index` of `regs` (0 = RAX ... 15 = R15).
@@ -237,11 +271,12 @@ pub(crate) fn complete_mmio_load(vcpu: &Vcpu, state: &mut VcpuState) {
     state.g.dirty = true;
 }
 
-/// Finishes a slow exit; the result is KVM_RUN's.
-pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Result<()> {
+/// Finishes a slow exit: `Ok(true)` if `kvm_run` now says what the VMM must
+/// do, `Ok(false)` if the guest runs on (an exception was raised in it).
+pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Result<bool> {
     let (io, linear, address_bits, instruction_len) = match exit {
         SlowExit::StringIo { io, linear, address_bits, instruction_len } => (io, linear, address_bits, instruction_len),
-        SlowExit::Mmio { gpa, fetch } => return mmio(vcpu, state, gpa, fetch),
+        SlowExit::Mmio { gpa, fetch } => return mmio(vcpu, state, gpa, fetch).map(|()| true),
     };
     let size = usize::from(io.size);
     let regs = &mut state.g.regs;
@@ -251,7 +286,7 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
         regs.rip = regs.rip.wrapping_add(instruction_len);
         state.g.dirty = true;
         state.g.instruction_done();
-        return Ok(());
+        return Ok(false);
     }
     let count = if io.rep { count_reg.min((PAGE_SIZE / size) as u64) } else { 1 } as u32;
     let backwards = regs.rflags & RFLAGS_DF != 0;
@@ -273,14 +308,22 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
             let offset = i * size as u64;
             let element = if backwards { linear.wrapping_sub(offset) } else { linear.wrapping_add(offset) };
             let mut data = [0u8; 4];
-            copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], false)?;
+            match copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], false) {
+                Ok(()) => {}
+                Err(CopyError::PageFault { linear }) => {
+                    drop(view);
+                    inject_page_fault(state, linear, false);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
             // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE.
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pio.add(offset as usize), size) };
         }
         advance(state, count, size, address_bits, io.rep, instruction_len, false, backwards);
     }
     super::io::report(run, &io, count);
-    Ok(())
+    Ok(true)
 }
 
 /// Moves RSI (OUTS) or RDI (INS) past `count` elements, counts RCX down
@@ -319,7 +362,15 @@ pub(crate) fn complete_string_in(vcpu: &Vcpu, state: &mut VcpuState) -> Result {
         let mut data = [0u8; 4];
         // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE.
         unsafe { core::ptr::copy_nonoverlapping(pio.add(offset as usize), data.as_mut_ptr(), size) };
-        copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], true)?;
+        match copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], true) {
+            Ok(()) => {}
+            Err(CopyError::PageFault { linear }) => {
+                drop(view);
+                inject_page_fault(state, linear, true);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     drop(view);
     advance(state, p.count, size, p.address_bits, p.rep, p.instruction_len, true, p.backwards);
