@@ -9,6 +9,10 @@
 
 use iced_x86::code_asm::*;
 
+mod multiboot;
+
+pub use multiboot::{multiboot_test_kernel, FPU_EXIT_ITERATIONS, MODULE_TEXT};
+
 /// COM1, where payloads print.
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// isa-debug-exit: writing V makes the VMM exit with status (V << 1) | 1.
@@ -18,9 +22,9 @@ pub const REAL_MODE_LOAD: u64 = 0x1000;
 
 /// A named payload.
 pub struct Payload {
-    /// File name, e.g. `hello-real.bin`.
+    /// File name, e.g. `hello-real.bin` (or `mbtest.elf`).
     pub name: &'static str,
-    /// The flat binary.
+    /// The image: a flat binary, or an ELF executable (`mbtest.elf`).
     pub image: Vec<u8>,
 }
 
@@ -553,6 +557,7 @@ pub fn all() -> Vec<Payload> {
         dr_real(),
         bench_cpuid_real(),
         bench_pio_real(),
+        multiboot_test_kernel(),
     ]
 }
 
