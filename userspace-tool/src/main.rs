@@ -4,6 +4,7 @@
 //!
 //! stdout is the guest's serial console; diagnostics go to stderr.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,6 +15,8 @@ mod devices;
 mod kvm;
 mod layout;
 mod loader;
+mod multiboot;
+mod step;
 mod vmm;
 
 /// Command-line interface.
@@ -31,8 +34,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a flat binary guest until it exits through port 0xf4, halts with
-    /// interrupts disabled, shuts down or fails to enter.
+    /// Run a guest until it exits through port 0xf4, halts with interrupts
+    /// disabled, shuts down or fails to enter.
+    ///
+    /// The guest is a flat binary (IMAGE), entered at --entry in --mode, or
+    /// a Multiboot v1 kernel (--kernel), loaded as QEMU's -kernel loads it:
+    /// ELF32 segments at their physical addresses (or the header's address
+    /// fields), --initrd files as modules at page boundaries after it, the
+    /// command line "KERNEL ARGS", and entry in 32-bit protected mode with
+    /// EAX = 0x2BADB002 and EBX = the Multiboot information (at 0x9000).
+    ///
+    /// Devices: COM1 (0x3f8, on stdout), isa-debug-exit (0xf4), the PICs'
+    /// masks (0x20, 0xa0), POST codes (0x80), PCI configuration with no
+    /// devices (0xcf8), fw_cfg (0x510) and the local APIC's registers
+    /// (0xfee00000). Other ports and addresses read as all ones.
     ///
     /// Exit status: the guest's debug-exit status as QEMU's isa-debug-exit
     /// gives it ((value << 1) | 1), 0 after HLT with interrupts disabled, 1
@@ -63,7 +78,8 @@ struct RunArgs {
     /// The KVM-like device: /dev/rkvm or /dev/kvm.
     #[arg(long, default_value = "/dev/rkvm")]
     dev: PathBuf,
-    /// Guest RAM, e.g. 2M, 64M, 1G (bytes without a suffix).
+    /// Guest RAM, e.g. 2M, 64M, 1G (bytes without a suffix). A Multiboot
+    /// kernel needs more than 1 MiB, and room above it for its modules.
     #[arg(long, default_value = "2M", value_parser = loader::parse_size)]
     mem: u64,
     /// CPU mode the guest starts in.
@@ -75,8 +91,25 @@ struct RunArgs {
     /// Guest-physical address of the first instruction (default: --load).
     #[arg(long, value_parser = loader::parse_addr)]
     entry: Option<u64>,
+    /// Multiboot v1 kernel to boot instead of a flat IMAGE.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["image", "mode", "load", "entry"])]
+    kernel: Option<PathBuf>,
+    /// Multiboot modules, in order (comma-separated, or --initrd repeated);
+    /// each module's string is its file name as given.
+    #[arg(long, value_name = "FILE[,FILE...]", value_delimiter = ',', requires = "kernel", conflicts_with = "image")]
+    initrd: Vec<PathBuf>,
+    /// Arguments on the Multiboot kernel's command line, after its name.
+    #[arg(long, value_name = "ARGS", requires = "kernel", conflicts_with = "image")]
+    append: Option<OsString>,
+    /// Single-step the first N instructions, printing each one's address on
+    /// stderr ("step 1: rip 0x00001000"), then run normally. A HLT is the
+    /// last line: it runs unstepped, so that it halts. The lines are the
+    /// steps the device reports (some fold an OUT into the next step).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    debug_step: u64,
     /// Flat binary to load.
-    image: PathBuf,
+    #[arg(required_unless_present = "kernel")]
+    image: Option<PathBuf>,
 }
 
 /// Diagnostics on stderr, at the level RKVM_LOG names (error, warn, info,
@@ -108,14 +141,23 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => vmm::run(&vmm::RunConfig {
-            dev: args.dev,
-            mem_size: args.mem,
-            load: args.load,
-            entry: args.entry.unwrap_or(args.load),
-            mode: args.mode,
-            image: args.image,
-        }),
+        Command::Run(args) => {
+            let guest = match (args.kernel, args.image) {
+                (Some(kernel), _) => vmm::Guest::Multiboot {
+                    kernel,
+                    modules: args.initrd,
+                    args: args.append.unwrap_or_default(),
+                },
+                (None, Some(image)) => vmm::Guest::Flat {
+                    image,
+                    mode: args.mode,
+                    load: args.load,
+                    entry: args.entry.unwrap_or(args.load),
+                },
+                (None, None) => unreachable!("clap requires IMAGE without --kernel"),
+            };
+            vmm::run(&vmm::RunConfig { dev: args.dev, mem_size: args.mem, guest, debug_step: args.debug_step })
+        }
         Command::Info { dev } => kvm::info(&dev).map(|()| 0),
     };
     match result {

@@ -1,9 +1,11 @@
-//! Creating a VM with one vCPU, loading a flat image, and the run loop that
-//! hands port I/O to the devices until the guest stops.
+//! Creating a VM with one vCPU, loading a flat image or a Multiboot
+//! kernel, and the run loop that hands port I/O and MMIO to the devices
+//! until the guest stops.
 
 use std::cell::Cell;
+use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
@@ -11,9 +13,16 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::bus::PortBus;
+use crate::bus::{MmioBus, PortBus};
+use crate::devices::apic::{LocalApic, APIC_BASE, APIC_LEN};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_BASE, DEBUG_EXIT_LEN};
+use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
+use crate::devices::pci::{PciConfig, PCI_CONFIG_BASE, PCI_CONFIG_LEN};
+use crate::devices::pic::{Pic, PIC_LEN, PIC_MASTER_BASE, PIC_SLAVE_BASE};
+use crate::devices::post::{PostCode, POST_LEN, POST_PORT};
 use crate::devices::serial::{SerialPort, COM1_BASE, COM1_LEN};
+use crate::multiboot::{self, Boot};
+use crate::step::Stepper;
 use crate::{kvm, layout, loader, Mode};
 
 /// RFLAGS.IF: a HLT with it clear can only end by NMI, SMI or reset, so the
@@ -35,14 +44,48 @@ pub struct RunConfig {
     pub dev: PathBuf,
     /// Bytes of guest RAM at guest-physical 0.
     pub mem_size: u64,
-    /// Where the image goes.
-    pub load: u64,
-    /// First instruction.
-    pub entry: u64,
-    /// CPU mode at the first instruction.
-    pub mode: Mode,
-    /// The flat binary.
-    pub image: PathBuf,
+    /// What to run.
+    pub guest: Guest,
+    /// Instructions to single-step and trace at the start (0: none).
+    pub debug_step: u64,
+}
+
+/// The guest software and how it starts.
+pub enum Guest {
+    /// A flat binary, entered directly in the given mode.
+    Flat {
+        /// The file.
+        image: PathBuf,
+        /// CPU mode at the first instruction.
+        mode: Mode,
+        /// Where the image goes.
+        load: u64,
+        /// First instruction.
+        entry: u64,
+    },
+    /// A Multiboot kernel, loaded and entered as a Multiboot loader does.
+    Multiboot {
+        /// The kernel file.
+        kernel: PathBuf,
+        /// Module files, in order.
+        modules: Vec<PathBuf>,
+        /// The kernel's arguments.
+        args: OsString,
+    },
+}
+
+/// A guest whose files have been read and checked, before RAM exists.
+enum Prepared<'a> {
+    Flat { image: &'a Path, mode: Mode, load: u64, entry: u64 },
+    Multiboot(Boot),
+}
+
+/// CPU state at the first instruction.
+enum Start {
+    /// Real mode at `entry`.
+    Real(u64),
+    /// Protected or long mode with flat segments, and these registers.
+    Flat(Mode, kvm_regs),
 }
 
 /// Runs the guest; returns the process exit status.
@@ -54,33 +97,42 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
     if cfg.mem_size < MIN_MEM || !cfg.mem_size.is_multiple_of(PAGE_SIZE) {
         bail!("--mem {:#x}: guest RAM must be a multiple of 4 KiB and at least 64 KiB", cfg.mem_size);
     }
-    if cfg.entry >= cfg.mem_size {
-        bail!("entry address {:#x} is outside guest RAM ({:#x} bytes)", cfg.entry, cfg.mem_size);
+    // RAM is one block from 0: past the local APIC it would hide the APIC.
+    if cfg.mem_size > APIC_BASE {
+        bail!("--mem {:#x}: guest RAM must end at or below the local APIC at {APIC_BASE:#x}", cfg.mem_size);
     }
-    if cfg.mode == Mode::Real && cfg.entry >= 1 << 20 {
-        bail!("entry address {:#x} is not reachable in real mode (must be below 1 MiB)", cfg.entry);
-    }
-    if cfg.mode == Mode::Long && cfg.mem_size < layout::SYSTEM_END {
-        bail!("long mode needs at least {:#x} bytes of RAM for its page tables", layout::SYSTEM_END);
-    }
+    // Checks first: a Multiboot guest's files are read and laid out before
+    // anything is created.
+    let prepared = match &cfg.guest {
+        Guest::Flat { image, mode, load, entry } => {
+            check_flat(cfg.mem_size, *mode, *entry)?;
+            Prepared::Flat { image, mode: *mode, load: *load, entry: *entry }
+        }
+        Guest::Multiboot { kernel, modules, args } => {
+            Prepared::Multiboot(Boot::prepare(kernel, modules, args, cfg.mem_size)?)
+        }
+    };
     // Guest memory first, so that it outlives the VM that maps it.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.mem_size as usize)])
         .context("cannot allocate guest RAM")?;
-    let len = loader::load_flat(&mem, cfg.mem_size, &cfg.image, cfg.load)?;
-    if cfg.mode != Mode::Real {
-        let system = if cfg.mode == Mode::Long { layout::PML4_ADDR..layout::SYSTEM_END } else { 0..0 };
-        let image = cfg.load..cfg.load + len;
-        if image.start < layout::GDT_ADDR + 24 && layout::GDT_ADDR < image.end
-            || image.start < system.end && system.start < image.end
-        {
-            bail!(
-                "image at {:#x}..{:#x} overlaps the GDT (0x500) or the page tables (0x90000..0x93000); use another --load",
-                image.start,
-                image.end
-            );
+    let start = match prepared {
+        Prepared::Flat { image, mode, load, entry } => load_flat_guest(&mem, cfg.mem_size, image, mode, load, entry)?,
+        Prepared::Multiboot(boot) => {
+            boot.write(&mem)?;
+            write_system_tables(&mem, Mode::Protected)?;
+            // The Multiboot state (specification 3.2). The stack is not
+            // promised; it is given anyway, below the information.
+            let regs = kvm_regs {
+                rip: boot.entry(),
+                rax: multiboot::BOOTLOADER_MAGIC.into(),
+                rbx: multiboot::INFO_ADDR,
+                rsp: multiboot::INFO_ADDR,
+                rflags: RFLAGS_FIXED,
+                ..Default::default()
+            };
+            Start::Flat(Mode::Protected, regs)
         }
-        write_system_tables(&mem, cfg.mode, cfg.mem_size)?;
-    }
+    };
 
     let kvm = kvm::open(&cfg.dev)?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM failed")?;
@@ -108,16 +160,82 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
         }
     }
     vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2 failed")?;
-    match cfg.mode {
-        Mode::Real => enter_real_mode(&vcpu, cfg.entry)?,
-        Mode::Protected | Mode::Long => enter_flat_mode(&vcpu, cfg.mode, cfg.entry, cfg.load)?,
+    match start {
+        Start::Real(entry) => enter_real_mode(&vcpu, entry)?,
+        Start::Flat(mode, regs) => enter_flat_mode(&vcpu, mode, &regs)?,
     }
 
     let exit_status = Rc::new(Cell::new(None));
-    let mut bus = PortBus::default();
-    bus.insert(COM1_BASE, COM1_LEN, Box::new(SerialPort::new(std::io::stdout())));
-    bus.insert(DEBUG_EXIT_BASE, DEBUG_EXIT_LEN, Box::new(DebugExit::new(exit_status.clone())));
-    run_loop(&mut vcpu, &mut bus, &exit_status)
+    let mut buses = platform(cfg.mem_size, &exit_status);
+    let mut stepper = Stepper::new(cfg.debug_step, &mem);
+    stepper.start(&vcpu)?;
+    run_loop(&mut vcpu, &mut buses, &mut stepper, &exit_status)
+}
+
+/// Checks a flat image's entry point against the RAM and the mode.
+fn check_flat(mem_size: u64, mode: Mode, entry: u64) -> Result<()> {
+    if entry >= mem_size {
+        bail!("entry address {entry:#x} is outside guest RAM ({mem_size:#x} bytes)");
+    }
+    if mode == Mode::Real && entry >= 1 << 20 {
+        bail!("entry address {entry:#x} is not reachable in real mode (must be below 1 MiB)");
+    }
+    if mode == Mode::Long && mem_size < layout::SYSTEM_END {
+        bail!("long mode needs at least {:#x} bytes of RAM for its page tables", layout::SYSTEM_END);
+    }
+    Ok(())
+}
+
+/// Loads a flat image and, outside real mode, the tables its mode needs.
+fn load_flat_guest(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    image: &Path,
+    mode: Mode,
+    load: u64,
+    entry: u64,
+) -> Result<Start> {
+    let len = loader::load_flat(mem, mem_size, image, load)?;
+    if mode == Mode::Real {
+        return Ok(Start::Real(entry));
+    }
+    let system = if mode == Mode::Long { layout::PML4_ADDR..layout::SYSTEM_END } else { 0..0 };
+    let image = load..load + len;
+    if image.start < layout::GDT_ADDR + 24 && layout::GDT_ADDR < image.end
+        || image.start < system.end && system.start < image.end
+    {
+        bail!(
+            "image at {:#x}..{:#x} overlaps the GDT (0x500) or the page tables (0x90000..0x93000); use another --load",
+            image.start,
+            image.end
+        );
+    }
+    write_system_tables(mem, mode)?;
+    // The stack grows down from the image.
+    Ok(Start::Flat(mode, kvm_regs { rip: entry, rsp: load, rflags: RFLAGS_FIXED, ..Default::default() }))
+}
+
+/// The devices a PC guest expects, on their buses. Present for every
+/// guest: a flat image that does not touch them sees no difference.
+struct Buses {
+    pio: PortBus,
+    mmio: MmioBus,
+}
+
+/// The devices at their PC addresses; the debug-exit device reports in
+/// `exit_status`.
+fn platform(mem_size: u64, exit_status: &Rc<Cell<Option<u32>>>) -> Buses {
+    let mut pio = PortBus::default();
+    pio.insert(PIC_MASTER_BASE, PIC_LEN, Box::new(Pic::new(PIC_MASTER_BASE)));
+    pio.insert(POST_PORT, POST_LEN, Box::new(PostCode));
+    pio.insert(PIC_SLAVE_BASE, PIC_LEN, Box::new(Pic::new(PIC_SLAVE_BASE)));
+    pio.insert(DEBUG_EXIT_BASE, DEBUG_EXIT_LEN, Box::new(DebugExit::new(exit_status.clone())));
+    pio.insert(COM1_BASE, COM1_LEN, Box::new(SerialPort::new(std::io::stdout())));
+    pio.insert(FW_CFG_BASE, FW_CFG_LEN, Box::new(FwCfg::new(mem_size)));
+    pio.insert(PCI_CONFIG_BASE, PCI_CONFIG_LEN, Box::new(PciConfig::default()));
+    let mut mmio = MmioBus::default();
+    mmio.insert(APIC_BASE, APIC_LEN, Box::new(LocalApic::default()));
+    Buses { pio, mmio }
 }
 
 /// Real mode with CS:IP pointing at `entry` (which is below 1 MiB):
@@ -134,7 +252,7 @@ fn enter_real_mode(vcpu: &VcpuFd, entry: u64) -> Result<()> {
 }
 
 /// The GDT, and for long mode the identity-mapped page tables.
-fn write_system_tables(mem: &GuestMemoryMmap, mode: Mode, _mem_size: u64) -> Result<()> {
+fn write_system_tables(mem: &GuestMemoryMmap, mode: Mode) -> Result<()> {
     let long = mode == Mode::Long;
     for (i, entry) in layout::gdt(long).iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(layout::GDT_ADDR + 8 * i as u64)).context("writing the GDT")?;
@@ -175,8 +293,8 @@ fn flat_segment(selector: u16, code: bool, long: bool) -> kvm_segment {
 }
 
 /// Protected mode (CR0.PE) or long mode (CR0.PG, CR4.PAE, EFER.LME|LMA):
-/// flat segments, the GDT loaded, RIP = `entry`, the stack below `load`.
-fn enter_flat_mode(vcpu: &VcpuFd, mode: Mode, entry: u64, load: u64) -> Result<()> {
+/// flat segments, the GDT loaded, then `regs`.
+fn enter_flat_mode(vcpu: &VcpuFd, mode: Mode, regs: &kvm_regs) -> Result<()> {
     const CR0_PE: u64 = 1;
     const CR0_ET: u64 = 1 << 4;
     const CR0_PG: u64 = 1 << 31;
@@ -198,21 +316,25 @@ fn enter_flat_mode(vcpu: &VcpuFd, mode: Mode, entry: u64, load: u64) -> Result<(
         sregs.efer = EFER_LME | EFER_LMA;
     }
     vcpu.set_sregs(&sregs).context("KVM_SET_SREGS failed")?;
-    let regs = kvm_regs { rip: entry, rsp: load, rflags: RFLAGS_FIXED, ..Default::default() };
-    vcpu.set_regs(&regs).context("KVM_SET_REGS failed")?;
+    vcpu.set_regs(regs).context("KVM_SET_REGS failed")?;
     Ok(())
 }
 
-fn run_loop(vcpu: &mut VcpuFd, bus: &mut PortBus, exit_status: &Cell<Option<u32>>) -> Result<u8> {
+fn run_loop(
+    vcpu: &mut VcpuFd,
+    buses: &mut Buses,
+    stepper: &mut Stepper<'_>,
+    exit_status: &Cell<Option<u32>>,
+) -> Result<u8> {
     loop {
         match vcpu.run() {
             Ok(VcpuExit::IoOut(..)) => {
-                for_each_io_element(vcpu, |port, element| bus.write(port, element));
+                for_each_io_element(vcpu, |port, element| buses.pio.write(port, element));
                 if let Some(value) = exit_status.get() {
                     return Ok(DebugExit::exit_code(value));
                 }
             }
-            Ok(VcpuExit::IoIn(..)) => for_each_io_element(vcpu, |port, element| bus.read(port, element)),
+            Ok(VcpuExit::IoIn(..)) => for_each_io_element(vcpu, |port, element| buses.pio.read(port, element)),
             Ok(VcpuExit::Hlt) => {
                 let regs = vcpu.get_regs().context("KVM_GET_REGS failed")?;
                 if regs.rflags & RFLAGS_IF == 0 {
@@ -224,13 +346,9 @@ fn run_loop(vcpu: &mut VcpuFd, bus: &mut PortBus, exit_status: &Cell<Option<u32>
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 bail!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}\n{}", dump(vcpu))
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                log::debug!("MMIO read of {} bytes at {addr:#x}: nothing there, all ones", data.len());
-                data.fill(0xff);
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                log::debug!("MMIO write {data:02x?} at {addr:#x}: nothing there, ignored");
-            }
+            Ok(VcpuExit::MmioRead(addr, data)) => buses.mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => buses.mmio.write(addr, data),
+            Ok(VcpuExit::Debug(arch)) => stepper.debug_exit(vcpu, &arch)?,
             Ok(VcpuExit::InternalError) => bail!("KVM internal error\n{}", dump(vcpu)),
             Ok(other) => {
                 let what = format!("{other:?}");
