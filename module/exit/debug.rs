@@ -30,8 +30,6 @@ use crate::vmx::vmcs::LoadedVmcs;
 
 /// RFLAGS.TF.
 pub(crate) const RFLAGS_TF: u64 = 1 << 8;
-/// Pending debug exceptions: BS, a single-step trap is pending (25.4.2).
-const PENDING_BS: u64 = 1 << 14;
 /// DR6 bits that read as 1 (SDM Vol. 3B, 19.2.3), as KVM reports DR6.
 const DR6_ACTIVE_LOW: u64 = 0xffff_0ff0;
 /// DR6.BS: the #DB was a single-step trap.
@@ -49,16 +47,18 @@ pub(crate) fn load(vmcs: &mut LoadedVmcs<'_>, g: &GuestState) -> Result {
     vmcs.write(control::EXCEPTION_BITMAP, bitmap)
 }
 
-/// Before each entry while single-stepping: in an STI or MOV SS shadow the
-/// single-step trap is pending rather than immediate, which the VMCS must
-/// say (26.3.1.5: BS set when TF is 1 and such blocking is in effect).
+/// Before each entry while single-stepping: no STI or MOV SS shadow. With
+/// TF set, such blocking makes VM entry demand a pending single-step trap
+/// (BS, 26.3.1.5) that the step over STI has not raised yet; KVM's
+/// `vmx_vcpu_run` drops the shadow instead, and so does rkvm, so that the
+/// two step alike.
 pub(crate) fn before_entry(vmcs: &mut LoadedVmcs<'_>, g: &GuestState) -> Result {
-    if !g.single_stepping() || vmcs.read(guest::RFLAGS) & RFLAGS_TF == 0 {
+    if !g.single_stepping() {
         return Ok(());
     }
-    if vmcs.read(guest::INTERRUPTIBILITY_STATE) as u32 & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 {
-        let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
-        vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_BS)?;
+    let blocking = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+    if blocking as u32 & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 {
+        vmcs.write(guest::INTERRUPTIBILITY_STATE, blocking & !u64::from(BLOCKING_STI | BLOCKING_MOV_SS))?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ unload_all() {
 
 abi_checks_pass_on() {
     status=0
-    rkvm-abi-check --dev "$1" --with-invalid-state $3 > /tmp/abi-$2.out || status=$?
+    rkvm-abi-check --dev "$1" --unrestricted-guest $3 > /tmp/abi-$2.out || status=$?
     cat /tmp/abi-$2.out
     return $status
 }
