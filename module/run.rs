@@ -127,7 +127,7 @@ impl Vcpu {
             gs::write_controls(&mut loaded, &self.vm, gs::long_mode(&g.sregs), g.msr_bitmap.phys())?;
             gs::write_host(&mut loaded, &host)?;
             gs::write_msrs(&mut loaded, &self.vm, &g.msrs)?;
-            crate::vmx::events::load(&mut loaded, &g.events)?;
+            crate::vmx::events::load(&mut loaded, &g.events, g.sregs.cr0)?;
             exit::debug::load(&mut loaded, g)?;
             g.msr_area.load(&mut loaded, &mut g.msrs)?;
             if g.dirty {

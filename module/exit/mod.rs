@@ -66,7 +66,11 @@ impl ExitContext<'_, '_> {
     }
 
     /// Injects hardware exception `vector` at the next entry (SDM 27.6.1).
+    /// Real-mode exceptions have no error code, and VM entry refuses to
+    /// deliver one there (26.2.1.3).
     pub(crate) fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result {
+        let protected = crate::vmx::guest_state::guest_cr0(self.vmcs) & 1 != 0;
+        let error_code = error_code.filter(|_| protected);
         let info = InterruptionInfo::new(vector, InterruptionInfo::HARDWARE_EXCEPTION, error_code.is_some());
         self.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.0.into())?;
         if let Some(code) = error_code {

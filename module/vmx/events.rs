@@ -44,9 +44,13 @@ fn entry_event_pending(vmcs: &LoadedVmcs<'_>) -> bool {
     InterruptionInfo(vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32).valid()
 }
 
-/// Before a run: the events kept between runs into the VMCS.
-pub(crate) fn load(vmcs: &mut LoadedVmcs<'_>, e: &EventState) -> Result {
-    vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, e.entry_info.into())?;
+/// Before a run: the events kept between runs into the VMCS. `cr0` is the
+/// guest's: in real mode an exception is delivered without its error code
+/// (26.2.1.3 refuses one there; KVM drops it too).
+pub(crate) fn load(vmcs: &mut LoadedVmcs<'_>, e: &EventState, cr0: u64) -> Result {
+    let deliver_error_code = 1 << 11;
+    let info = if cr0 & 1 == 0 { e.entry_info & !deliver_error_code } else { e.entry_info };
+    vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.into())?;
     vmcs.write(control::VMENTRY_EXCEPTION_ERR_CODE, e.error_code.into())?;
     vmcs.write(control::VMENTRY_INSTRUCTION_LEN, e.instruction_len.into())?;
     vmcs.write(guest::INTERRUPTIBILITY_STATE, e.interruptibility.into())

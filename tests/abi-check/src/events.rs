@@ -104,6 +104,24 @@ pub fn nmi_checks(c: &mut Checks, kvm: &Kvm) {
 /// real-mode code (`unrestricted_guest` false) only the steps up to an OUT
 /// exit are checked: the host's kvm_pvm, for one, reports no step for the
 /// OUT, steps over HLT instead of exiting, and lets the guest take its INT3.
+/// The path a single-stepped guest took: its exits with consecutive
+/// repeats folded and without steps reported at the entry point. Under
+/// Bochs (the testbed's CPU) a VM exit while RFLAGS.TF is set leaves a
+/// single-step trap pending, so the entry after it exits again at once with
+/// the same RIP: after every instruction the hypervisor or the VMM
+/// completed (both KVM and rkvm), and on KVM's first entry, whose EPT
+/// violation (memory is mapped on first touch) is such an exit. None of
+/// these guests repeats an instruction, so the folded path is exact.
+fn step_path(exits: Vec<String>) -> Vec<String> {
+    let mut path: Vec<String> = Vec::new();
+    for exit in exits {
+        if path.last() != Some(&exit) && !(path.is_empty() && exit == debug_exit(DB_VECTOR.into(), CODE)) {
+            path.push(exit);
+        }
+    }
+    path
+}
+
 pub fn guest_debug_checks(c: &mut Checks, kvm: &Kvm, rkvm_semantics: bool, unrestricted_guest: bool) {
     c.check("KVM_CAP_SET_GUEST_DEBUG is supported", kvm.check_extension(Cap::SetGuestDebug), "0");
     let code = [
@@ -134,7 +152,11 @@ pub fn guest_debug_checks(c: &mut Checks, kvm: &Kvm, rkvm_semantics: bool, unres
         debug_exit(DB_VECTOR.into(), 0x1006),
         reported(b'S'),
     ];
-    let exits: Vec<String> = expected.iter().map(|_| g.run()).collect();
+    let mut exits = Vec::new();
+    while exits.len() < 12 && exits.last() != Some(&reported(b'S')) {
+        exits.push(g.run());
+    }
+    let exits = step_path(exits);
     c.check("single-stepping exits with #DB after each instruction, at the next one",
             exits == expected, format!("{exits:?}"));
     if !unrestricted_guest {
@@ -146,7 +168,7 @@ pub fn guest_debug_checks(c: &mut Checks, kvm: &Kvm, rkvm_semantics: bool, unres
     // The OUT exits to the VMM as usual; the next KVM_RUN completes it and
     // reports its step. HLT exits as HLT: KVM (kvm_emulate_halt) lets the
     // halt exit win over the step.
-    let exits = g.run_to_hlt(4);
+    let exits = step_path(g.run_to_hlt(4));
     c.check("an OUT's step is reported on the KVM_RUN after its exit; HLT exits as HLT",
             exits == [debug_exit(DB_VECTOR.into(), 0x1008), "Hlt".to_string()], format!("{exits:?}"));
 
