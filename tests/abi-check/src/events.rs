@@ -95,15 +95,18 @@ pub fn nmi_checks(c: &mut Checks, kvm: &Kvm) {
     let exit = g.run();
     c.check("the guest halts", exit == "Hlt", exit);
     c.success("KVM_NMI", g.vcpu.nmi());
-    let exit = g.run();
-    c.check("the NMI runs the guest's vector 2 handler (OUT 0x99 of 'N')", exit == reported(b'N'), exit);
+    // The NMI goes in at the next entry where NMIs are not blocked. KVM
+    // (seen under Bochs with 2 CPUs) may find it blocked at first and open
+    // an NMI window instead, and the guest halts again before it: so a few
+    // runs are allowed, as long as no other exit comes between.
+    let mut exits = Vec::new();
+    while exits.len() < 4 && exits.last().is_none_or(|e| e == "Hlt") {
+        exits.push(g.run());
+    }
+    c.check("the NMI runs the guest's vector 2 handler (OUT 0x99 of 'N')",
+            exits.last() == Some(&reported(b'N')), format!("{exits:?}"));
 }
 
-/// KVM_SET_GUEST_DEBUG (api.rst 4.87): single-stepping, software
-/// breakpoints, and turning debugging off again. Where a device emulates
-/// real-mode code (`unrestricted_guest` false) only the steps up to an OUT
-/// exit are checked: the host's kvm_pvm, for one, reports no step for the
-/// OUT, steps over HLT instead of exiting, and lets the guest take its INT3.
 /// The path a single-stepped guest took: its exits with consecutive
 /// repeats folded and without steps reported at the entry point. Under
 /// Bochs (the testbed's CPU) a VM exit while RFLAGS.TF is set leaves a
@@ -122,6 +125,11 @@ fn step_path(exits: Vec<String>) -> Vec<String> {
     path
 }
 
+/// KVM_SET_GUEST_DEBUG (api.rst 4.87): single-stepping, software
+/// breakpoints, and turning debugging off again. Where a device emulates
+/// real-mode code (`unrestricted_guest` false) only the steps up to an OUT
+/// exit are checked: the host's kvm_pvm, for one, reports no step for the
+/// OUT, steps over HLT instead of exiting, and lets the guest take its INT3.
 pub fn guest_debug_checks(c: &mut Checks, kvm: &Kvm, rkvm_semantics: bool, unrestricted_guest: bool) {
     c.check("KVM_CAP_SET_GUEST_DEBUG is supported", kvm.check_extension(Cap::SetGuestDebug), "0");
     let code = [
