@@ -9,7 +9,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use crate::guest::{
-    debug_exit, report_and_halt, reported, Guest, BP_VECTOR, CODE, DB_VECTOR, GP_VECTOR, HLT, NMI_VECTOR,
+    debug_exit, reported, Guest, BP_VECTOR, CODE, DB_VECTOR, GP_VECTOR, HLT, NMI_VECTOR,
 };
 use crate::{kvm_interrupt, Checks};
 
@@ -91,20 +91,19 @@ pub fn nmi_checks(c: &mut Checks, kvm: &Kvm) {
         0xeb, 0xfd, // jmp 1b
     ];
     let Some(mut g) = c.success("a real-mode guest that halts with IF clear", Guest::new(kvm, &code)) else { return };
-    g.handle(NMI_VECTOR, &report_and_halt(b'N'));
+    // The handler returns with IRET, which ends NMI blocking (SDM Vol. 3A,
+    // 6.7.1): no guest here leaves NMIs blocked behind it. (Under Bochs,
+    // after a guest had halted inside its NMI handler, kvm_intel found NMIs
+    // blocked for a new vCPU in about one run in three; with this handler,
+    // in none of 8.)
+    g.handle(NMI_VECTOR, &[0xb0, b'N', 0xe6, 0x99, 0xcf]); // mov al, 'N'; out 0x99, al; iret
     let exit = g.run();
     c.check("the guest halts", exit == "Hlt", exit);
     c.success("KVM_NMI", g.vcpu.nmi());
-    // The NMI goes in at the next entry where NMIs are not blocked. KVM
-    // (seen under Bochs with 2 CPUs) may find it blocked at first and open
-    // an NMI window instead, and the guest halts again before it: so a few
-    // runs are allowed, as long as no other exit comes between.
-    let mut exits = Vec::new();
-    while exits.len() < 4 && exits.last().is_none_or(|e| e == "Hlt") {
-        exits.push(g.run());
-    }
-    c.check("the NMI runs the guest's vector 2 handler (OUT 0x99 of 'N')",
-            exits.last() == Some(&reported(b'N')), format!("{exits:?}"));
+    let exit = g.run();
+    c.check("the NMI runs the guest's vector 2 handler (OUT 0x99 of 'N')", exit == reported(b'N'), exit);
+    let exit = g.run();
+    c.check("its IRET returns to the halt loop", exit == "Hlt", exit);
 }
 
 /// The path a single-stepped guest took: its exits with consecutive
