@@ -81,6 +81,8 @@ pub(crate) fn check_extension(cap: usize) -> isize {
         // KVM_GET/SET_VCPU_EVENTS, KVM_NMI, KVM_SET_GUEST_DEBUG (single
         // step and software breakpoints).
         KVM_CAP_VCPU_EVENTS | KVM_CAP_USER_NMI | KVM_CAP_SET_GUEST_DEBUG => 1,
+        // KVM_GET_STATS_FD on vCPU fds (exit counts by reason).
+        KVM_CAP_BINARY_STATS_FD => 1,
         KVM_CAP_NR_MEMSLOTS => rkvm_core::memslot::MAX_SLOTS as isize,
         KVM_CAP_NR_VCPUS | KVM_CAP_MAX_VCPUS => MAX_VCPUS as isize,
         KVM_CAP_MAX_VCPU_ID => MAX_VCPUS as isize,

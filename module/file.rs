@@ -9,7 +9,10 @@
 use core::ffi::{c_int, c_uint};
 
 use kernel::bindings;
-use kernel::error::{code::ENODEV, Result};
+use kernel::error::{
+    code::{EINVAL, ENODEV},
+    Result,
+};
 use kernel::str::CStr;
 use kernel::sync::{Arc, ArcBorrow};
 use kernel::ThisModule;
@@ -27,6 +30,12 @@ pub(crate) trait FileObject: Send + Sync + Sized + 'static {
     /// Maps the object into the caller's memory; `ENODEV` unless overridden.
     fn mmap(_this: ArcBorrow<'_, Self>, _vma: *mut bindings::vm_area_struct) -> Result {
         Err(ENODEV)
+    }
+
+    /// read(2)/pread(2) of `len` bytes into user address `buf` at `*offset`,
+    /// which it advances; returns the bytes read. `EINVAL` unless overridden.
+    fn read(_this: ArcBorrow<'_, Self>, _buf: usize, _len: usize, _offset: &mut i64) -> Result<usize> {
+        Err(EINVAL)
     }
 }
 
@@ -47,6 +56,7 @@ impl FileOps {
         fops.unlocked_ioctl = Some(ioctl::<T>);
         fops.compat_ioctl = Some(ioctl::<T>);
         fops.mmap = Some(mmap::<T>);
+        fops.read = Some(read::<T>);
         fops.release = Some(release::<T>);
         fops.llseek = Some(bindings::noop_llseek);
         Self(fops)
@@ -100,6 +110,22 @@ unsafe extern "C" fn mmap<T: FileObject>(
     match T::mmap(this, vma) {
         Ok(()) => 0,
         Err(e) => e.to_errno(),
+    }
+}
+
+unsafe extern "C" fn read<T: FileObject>(
+    file: *mut bindings::file,
+    buf: *mut u8, // the kernel's `ffi::c_char`
+    len: usize,
+    offset: *mut bindings::loff_t,
+) -> isize {
+    // SAFETY: the VFS calls this with a live file using `T`'s table.
+    let this = unsafe { object::<T>(file) };
+    // SAFETY: the VFS passes a valid position for the duration of the call.
+    let offset = unsafe { &mut *offset };
+    match T::read(this, buf as usize, len, offset) {
+        Ok(n) => n as isize,
+        Err(e) => e.to_errno() as isize,
     }
 }
 

@@ -28,6 +28,7 @@ mod memory;
 mod mm;
 mod msrs;
 mod run;
+mod stats;
 mod vcpu;
 mod vm;
 mod vmx;

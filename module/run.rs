@@ -97,6 +97,7 @@ impl Vcpu {
             if glue::signal_pending() {
                 // SAFETY: as above.
                 unsafe { (*run).exit_reason = KVM_EXIT_INTR };
+                self.exit_stats.signal_exit();
                 return Err(EINTR);
             }
             match self.run_on_this_cpu(&mut state, request_window)? {
@@ -216,8 +217,10 @@ impl Vcpu {
             glue::local_irq_enable();
 
             if result == EntryResult::Exited {
+                let exit = ExitReason(vmcs.read(ro::EXIT_REASON) as u32);
+                self.exit_stats.exit(exit.basic(), exit.entry_failed());
                 crate::vmx::events::reinject_vectored_event(vmcs)?;
-                let reason = ExitReason(vmcs.read(ro::EXIT_REASON) as u32).basic();
+                let reason = exit.basic();
                 if reason == rkvm_core::exit::reason::INTERRUPT_WINDOW {
                     // The guest can take an interrupt: a queued one goes in
                     // at the next entry; a VMM that asked is told.

@@ -130,6 +130,8 @@ pub(crate) struct Vcpu {
     pub(crate) run_page: Page,
     /// Port-I/O data, shared with the VMM by mmap.
     pub(crate) pio_page: Page,
+    /// Exit counts, for KVM_GET_STATS_FD.
+    pub(crate) exit_stats: crate::stats::ExitStats,
     #[pin]
     pub(crate) state: Mutex<VcpuState>,
 }
@@ -207,7 +209,13 @@ impl Vcpu {
         };
         let state = VcpuState { vmcs, g };
         let vcpu = Arc::pin_init(
-            pin_init!(Vcpu { vm, run_page, pio_page, state <- new_mutex!(state, "rkvm_vcpu") }),
+            pin_init!(Vcpu {
+                vm,
+                run_page,
+                pio_page,
+                exit_stats: crate::stats::ExitStats::new(),
+                state <- new_mutex!(state, "rkvm_vcpu"),
+            }),
             GFP_KERNEL,
         )?;
         file::install(&VCPU_FOPS, vcpu)
@@ -444,6 +452,7 @@ impl FileObject for Vcpu {
                 this.state.lock().g.events.set_from_kvm(&events_from_kvm(&events)).map_err(|_| EINVAL)?;
                 Ok(0)
             }
+            KVM_GET_STATS_FD => crate::stats::open(this),
             KVM_SET_GUEST_DEBUG => {
                 let debug: kvm_guest_debug = Self::read(arg)?;
                 this.set_guest_debug(debug.control)

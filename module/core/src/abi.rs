@@ -153,6 +153,8 @@ macro_rules! kvm_ioctl_numbers {
         pub const KVM_GET_XCRS: u32 = ior::<kvm_abi_structs::kvm_xcrs>(0xa6);
         /// KVM_SET_XCRS
         pub const KVM_SET_XCRS: u32 = iow::<kvm_abi_structs::kvm_xcrs>(0xa7);
+        /// KVM_GET_STATS_FD (VM and vCPU fds)
+        pub const KVM_GET_STATS_FD: u32 = io(0xce);
     };
 }
 
@@ -199,6 +201,7 @@ mod tests {
         ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
         ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
         ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
+        ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
     }
 
     #[test]
@@ -233,6 +236,7 @@ mod tests {
             ("KVM_SET_XSAVE", host::KVM_SET_XSAVE, reference::KVM_SET_XSAVE()),
             ("KVM_GET_XCRS", host::KVM_GET_XCRS, reference::KVM_GET_XCRS()),
             ("KVM_SET_XCRS", host::KVM_SET_XCRS, reference::KVM_SET_XCRS()),
+            ("KVM_GET_STATS_FD", host::KVM_GET_STATS_FD, reference::KVM_GET_STATS_FD()),
         ];
         for (name, ours, theirs) in pairs {
             assert_eq!(u64::from(*ours), *theirs, "{name}");

@@ -27,6 +27,7 @@ pub mod guest_msr;
 pub mod memslot;
 pub mod msr;
 pub mod segment;
+pub mod stats;
 pub mod walk;
 pub mod xsave;
 
