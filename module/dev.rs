@@ -83,6 +83,8 @@ pub(crate) fn check_extension(cap: usize) -> isize {
         KVM_CAP_VCPU_EVENTS | KVM_CAP_USER_NMI | KVM_CAP_SET_GUEST_DEBUG => 1,
         // KVM_GET_STATS_FD on vCPU fds (exit counts by reason).
         KVM_CAP_BINARY_STATS_FD => 1,
+        // KVM_GET_TSC_KHZ (no KVM_SET_TSC_KHZ: the TSC is not scaled).
+        KVM_CAP_GET_TSC_KHZ => 1,
         KVM_CAP_NR_MEMSLOTS => rkvm_core::memslot::MAX_SLOTS as isize,
         KVM_CAP_NR_VCPUS | KVM_CAP_MAX_VCPUS => MAX_VCPUS as isize,
         KVM_CAP_MAX_VCPU_ID => MAX_VCPUS as isize,

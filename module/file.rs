@@ -24,6 +24,10 @@ pub(crate) trait FileObject: Send + Sync + Sized + 'static {
     /// Name of the anonymous inode (shown in /proc/PID/fd), e.g. `kvm-vm`.
     const NAME: &'static CStr;
 
+    /// A read-only file read with pread(2) (KVM's statistics files), rather
+    /// than a read-write one driven by ioctls.
+    const STATS: bool = false;
+
     /// Handles an ioctl; the result is the ioctl's return value.
     fn ioctl(this: ArcBorrow<'_, Self>, cmd: u32, arg: usize) -> Result<isize>;
 
@@ -71,7 +75,7 @@ impl FileOps {
 pub(crate) fn install<T: FileObject>(fops: &'static FileOps, object: Arc<T>) -> Result<i32> {
     let raw = object.into_raw();
     // SAFETY: `fops` is a static for `T`, whose release takes over `raw`.
-    match unsafe { glue::anon_inode_getfd(T::NAME, &fops.0, raw.cast_mut().cast()) } {
+    match unsafe { glue::anon_inode_getfd(T::NAME, &fops.0, raw.cast_mut().cast(), T::STATS) } {
         Ok(fd) => Ok(fd),
         Err(e) => {
             // SAFETY: `raw` came from `into_raw` above and nothing took it.

@@ -17,6 +17,7 @@
  * disabled; none sleeps except rkvm_misc_register() and rkvm_misc_deregister().
  */
 #include <linux/anon_inodes.h>
+#include <linux/file.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
 #include <linux/fs.h>
@@ -58,7 +59,7 @@ int rkvm_vmread(unsigned long field, u64 *value);
 int rkvm_vmwrite(unsigned long field, u64 value);
 int rkvm_invept(unsigned long type, const u64 *descriptor);
 int rkvm_fail_vmxon_on_cpu(void);
-int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv);
+int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv, bool stats);
 int rkvm_vma_insert_pages(struct vm_area_struct *vma, void *const *pages, unsigned long n);
 int rkvm_register_reboot(void (*leave_vmx)(void));
 
@@ -294,11 +295,27 @@ void rkvm_misc_deregister(void)
 /*
  * A new file descriptor (O_RDWR | O_CLOEXEC, as KVM's VM and vCPU fds) whose
  * file has @fops and private_data @priv. Takes a reference on fops->owner
- * for as long as the file lives.
+ * for as long as the file lives. With @stats, the file is read-only and
+ * supports pread(2), as KVM's statistics fds (kvm_vcpu_ioctl_get_stats_fd).
  */
-int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv)
+int rkvm_anon_inode_getfd(const char *name, const void *fops, void *priv, bool stats)
 {
-	return anon_inode_getfd(name, fops, priv, O_RDWR | O_CLOEXEC);
+	struct file *file;
+	int fd;
+
+	if (!stats)
+		return anon_inode_getfd(name, fops, priv, O_RDWR | O_CLOEXEC);
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0)
+		return fd;
+	file = anon_inode_getfile(name, fops, priv, O_RDONLY);
+	if (IS_ERR(file)) {
+		put_unused_fd(fd);
+		return PTR_ERR(file);
+	}
+	file->f_mode |= FMODE_PREAD;
+	fd_install(fd, file);
+	return fd;
 }
 
 /*

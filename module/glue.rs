@@ -16,6 +16,7 @@ mod ffi {
             name: *const u8,
             fops: *const core::ffi::c_void,
             private: *mut core::ffi::c_void,
+            stats: bool,
         ) -> i32;
         pub(super) fn rkvm_vma_insert_pages(
             vma: *mut core::ffi::c_void,
@@ -83,6 +84,9 @@ pub(crate) fn misc_deregister() {
 /// and `private` as its `private_data`; returns the descriptor.
 ///
 /// # Safety
+/// With `stats` the file is read-only and allows pread(2), as KVM's
+/// statistics files.
+///
 /// `fops` must be valid for the module's lifetime (its owner is this
 /// module, which the file pins), and `fops.release` must take over
 /// `private` when the file closes. On error nothing took `private`.
@@ -90,9 +94,10 @@ pub(crate) unsafe fn anon_inode_getfd(
     name: &'static kernel::str::CStr,
     fops: *const bindings::file_operations,
     private: *mut core::ffi::c_void,
+    stats: bool,
 ) -> Result<i32> {
     // SAFETY: the caller guarantees `fops` and the ownership of `private`.
-    let fd = unsafe { ffi::rkvm_anon_inode_getfd(name.as_char_ptr(), fops.cast(), private) };
+    let fd = unsafe { ffi::rkvm_anon_inode_getfd(name.as_char_ptr(), fops.cast(), private, stats) };
     if fd < 0 {
         Err(kernel::error::Error::from_errno(fd))
     } else {

@@ -78,6 +78,7 @@ pub(crate) fn open(vcpu: ArcBorrow<'_, Vcpu>) -> Result<isize> {
 
 impl FileObject for StatsFile {
     const NAME: &'static CStr = c_str!("kvm-vcpu-stats");
+    const STATS: bool = true;
 
     fn ioctl(_this: ArcBorrow<'_, Self>, _cmd: u32, _arg: usize) -> Result<isize> {
         Err(kernel::error::code::ENOTTY)

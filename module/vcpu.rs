@@ -453,6 +453,8 @@ impl FileObject for Vcpu {
                 Ok(0)
             }
             KVM_GET_STATS_FD => crate::stats::open(this),
+            // The guest's TSC runs at the host's rate (offset, not scaled).
+            KVM_GET_TSC_KHZ => Ok(glue::tsc_khz() as isize),
             KVM_SET_GUEST_DEBUG => {
                 let debug: kvm_guest_debug = Self::read(arg)?;
                 this.set_guest_debug(debug.control)

@@ -70,5 +70,14 @@ class KernelProblems(unittest.TestCase):
                 self.assertIn(what, run.kernel_problems("ok\n" + line + "\n"))
 
 
+class HaltMarkTest(unittest.TestCase):
+    def test_the_testbed_kernel_halting_is_seen(self):
+        self.assertTrue(run.MARK_HALTED.search("x\nreboot: Power off not available: System halted instead\n"))
+
+    def test_a_nested_guest_halting_in_a_quoted_log_is_not(self):
+        quoted = "    # reboot: Power off not available: System halted instead\nG: reboot: Power down\n"
+        self.assertIsNone(run.MARK_HALTED.search(quoted))
+
+
 if __name__ == "__main__":
     unittest.main()

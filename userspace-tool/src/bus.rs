@@ -19,16 +19,28 @@ pub trait MmioDevice {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// One claimed range: where, which device, its name, and how many
+/// accesses it has handled (for `rkvm run --stats`).
+struct Claim<D: ?Sized> {
+    base: u64,
+    len: u64,
+    name: &'static str,
+    accesses: u64,
+    device: Box<D>,
+}
+
 /// Non-overlapping `[base, base + len)` ranges, each owned by a device.
 /// Both buses are this map; only the address width and the device trait
 /// differ. A handful of devices: a linear search is the fastest lookup.
 struct RangeMap<D: ?Sized> {
-    ranges: Vec<(u64, u64, Box<D>)>,
+    ranges: Vec<Claim<D>>,
+    /// Accesses nobody claimed.
+    unclaimed: u64,
 }
 
 impl<D: ?Sized> Default for RangeMap<D> {
     fn default() -> Self {
-        Self { ranges: Vec::new() }
+        Self { ranges: Vec::new(), unclaimed: 0 }
     }
 }
 
@@ -36,22 +48,45 @@ impl<D: ?Sized> RangeMap<D> {
     /// # Panics
     /// If the range is empty or overlaps one already claimed: a wiring bug
     /// in the VMM, not something a guest can cause.
-    fn insert(&mut self, base: u64, len: u64, device: Box<D>) {
+    fn insert(&mut self, base: u64, len: u64, name: &'static str, device: Box<D>) {
         let end = base.checked_add(len).filter(|&end| end > base);
         let end = end.unwrap_or_else(|| panic!("range {base:#x}+{len:#x} is empty or wraps"));
         assert!(
-            self.ranges.iter().all(|&(b, l, _)| end <= b || b + l <= base),
+            self.ranges.iter().all(|c| end <= c.base || c.base + c.len <= base),
             "range {base:#x}+{len:#x} overlaps another device"
         );
-        self.ranges.push((base, len, device));
+        self.ranges.push(Claim { base, len, name, accesses: 0, device });
     }
 
-    /// The device claiming `addr`, and the offset of `addr` in its range.
+    /// The device claiming `addr`, and the offset of `addr` in its range;
+    /// counts the access.
     fn find(&mut self, addr: u64) -> Option<(&mut D, u64)> {
-        self.ranges
-            .iter_mut()
-            .find(|(base, len, _)| addr >= *base && addr - *base < *len)
-            .map(|(base, _, device)| (&mut **device, addr - *base))
+        let found = self.ranges.iter_mut().find(|c| addr >= c.base && addr - c.base < c.len);
+        match found {
+            Some(c) => {
+                c.accesses += 1;
+                Some((&mut *c.device, addr - c.base))
+            }
+            None => {
+                self.unclaimed += 1;
+                None
+            }
+        }
+    }
+
+    /// Accesses per device name (ranges of one device summed), then
+    /// "unclaimed", leaving out zeros.
+    fn accesses(&self) -> Vec<(&'static str, u64)> {
+        let mut out: Vec<(&'static str, u64)> = Vec::new();
+        for c in &self.ranges {
+            match out.iter_mut().find(|(n, _)| *n == c.name) {
+                Some((_, count)) => *count += c.accesses,
+                None => out.push((c.name, c.accesses)),
+            }
+        }
+        out.push(("unclaimed", self.unclaimed));
+        out.retain(|&(_, count)| count > 0);
+        out
     }
 }
 
@@ -66,8 +101,13 @@ impl PortBus {
     ///
     /// # Panics
     /// If the range overlaps one already claimed: a wiring bug in the VMM.
-    pub fn insert(&mut self, base: u16, len: u16, device: Box<dyn PortDevice>) {
-        self.map.insert(base.into(), len.into(), device);
+    pub fn insert(&mut self, base: u16, len: u16, name: &'static str, device: Box<dyn PortDevice>) {
+        self.map.insert(base.into(), len.into(), name, device);
+    }
+
+    /// Accesses per device, for `--stats`.
+    pub fn accesses(&self) -> Vec<(&'static str, u64)> {
+        self.map.accesses()
     }
 
     /// Handles an IN from `port`.
@@ -102,8 +142,13 @@ impl MmioBus {
     ///
     /// # Panics
     /// If the range overlaps one already claimed: a wiring bug in the VMM.
-    pub fn insert(&mut self, base: u64, len: u64, device: Box<dyn MmioDevice>) {
-        self.map.insert(base, len, device);
+    pub fn insert(&mut self, base: u64, len: u64, name: &'static str, device: Box<dyn MmioDevice>) {
+        self.map.insert(base, len, name, device);
+    }
+
+    /// Accesses per device, for `--stats`.
+    pub fn accesses(&self) -> Vec<(&'static str, u64)> {
+        self.map.accesses()
     }
 
     /// Handles a load from `addr`.
@@ -157,12 +202,14 @@ mod tests {
     fn accesses_reach_the_device_at_their_offset() {
         let log = Rc::new(RefCell::new(Vec::new()));
         let mut bus = PortBus::default();
-        bus.insert(0x3f8, 8, Box::new(Recorder(log.clone())));
+        bus.insert(0x3f8, 8, "test", Box::new(Recorder(log.clone())));
         bus.write(0x3fa, &[7]);
         let mut data = [0u8; 2];
         bus.read(0x3fd, &mut data);
         assert_eq!(*log.borrow(), vec![(2, vec![7])]);
         assert_eq!(data, [5, 5]);
+        bus.read(0x80, &mut data);
+        assert_eq!(bus.accesses(), vec![("test", 2), ("unclaimed", 1)]);
     }
 
     #[test]
@@ -177,7 +224,7 @@ mod tests {
     #[test]
     fn the_last_port_of_the_space_can_be_claimed() {
         let mut bus = PortBus::default();
-        bus.insert(0xffff, 1, Box::new(Recorder(Default::default())));
+        bus.insert(0xffff, 1, "test", Box::new(Recorder(Default::default())));
         let mut data = [0u8];
         bus.read(0xffff, &mut data);
         assert_eq!(data, [0]);
@@ -187,15 +234,15 @@ mod tests {
     #[should_panic(expected = "overlaps")]
     fn overlapping_ranges_are_a_wiring_bug() {
         let mut bus = PortBus::default();
-        bus.insert(0x3f8, 8, Box::new(Recorder(Default::default())));
-        bus.insert(0x3ff, 1, Box::new(Recorder(Default::default())));
+        bus.insert(0x3f8, 8, "test", Box::new(Recorder(Default::default())));
+        bus.insert(0x3ff, 1, "test", Box::new(Recorder(Default::default())));
     }
 
     #[test]
     fn mmio_reaches_the_device_and_unclaimed_addresses_read_all_ones() {
         let log = Rc::new(RefCell::new(Vec::new()));
         let mut bus = MmioBus::default();
-        bus.insert(0xfee0_0000, 0x1000, Box::new(Recorder(log.clone())));
+        bus.insert(0xfee0_0000, 0x1000, "test", Box::new(Recorder(log.clone())));
         bus.write(0xfee0_00b0, &[0, 0, 0, 0]);
         let mut data = [0u8; 4];
         bus.read(0xfee0_0030, &mut data);
@@ -210,7 +257,7 @@ mod tests {
     #[should_panic(expected = "overlaps")]
     fn overlapping_mmio_ranges_are_a_wiring_bug() {
         let mut bus = MmioBus::default();
-        bus.insert(0xfee0_0000, 0x1000, Box::new(Recorder(Default::default())));
-        bus.insert(0xfedf_f000, 0x1001, Box::new(Recorder(Default::default())));
+        bus.insert(0xfee0_0000, 0x1000, "test", Box::new(Recorder(Default::default())));
+        bus.insert(0xfedf_f000, 0x1001, "test", Box::new(Recorder(Default::default())));
     }
 }

@@ -11,11 +11,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bus;
+mod console;
 mod devices;
+mod kick;
 mod kvm;
 mod layout;
+mod linux;
 mod loader;
 mod multiboot;
+mod platform;
+mod runner;
 mod step;
 mod vmm;
 
@@ -91,14 +96,15 @@ struct RunArgs {
     /// Guest-physical address of the first instruction (default: --load).
     #[arg(long, value_parser = loader::parse_addr)]
     entry: Option<u64>,
-    /// Multiboot v1 kernel to boot instead of a flat IMAGE.
+    /// Kernel to boot instead of a flat IMAGE: a Linux bzImage (64-bit boot
+    /// protocol) or a Multiboot v1 kernel, told apart by their headers.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["image", "mode", "load", "entry"])]
     kernel: Option<PathBuf>,
-    /// Multiboot modules, in order (comma-separated, or --initrd repeated);
-    /// each module's string is its file name as given.
+    /// Linux: the initrd. Multiboot: modules, in order (comma-separated, or
+    /// --initrd repeated); each module's string is its file name as given.
     #[arg(long, value_name = "FILE[,FILE...]", value_delimiter = ',', requires = "kernel", conflicts_with = "image")]
     initrd: Vec<PathBuf>,
-    /// Arguments on the Multiboot kernel's command line, after its name.
+    /// The kernel command line (Multiboot: after the kernel's name).
     #[arg(long, value_name = "ARGS", requires = "kernel", conflicts_with = "image")]
     append: Option<OsString>,
     /// Single-step the first N instructions, printing each one's address on
@@ -107,9 +113,39 @@ struct RunArgs {
     /// steps the device reports (some fold an OUT into the next step).
     #[arg(long, value_name = "N", default_value_t = 0)]
     debug_step: u64,
+    /// A disk for the guest: virtio-blk over virtio-mmio at 0xd0000000,
+    /// IRQ 5, backed by the raw image FILE (announced on a Linux kernel's
+    /// command line). `,ro` makes it read-only: the file is opened
+    /// read-only and guest writes fail.
+    #[arg(long, value_name = "FILE[,ro]", value_parser = parse_disk)]
+    disk: Option<DiskArg>,
+    /// When the guest ends, print the vCPU's exits by reason (from the
+    /// device's KVM_GET_STATS_FD) and the accesses each of the tool's
+    /// devices handled, on stderr.
+    #[arg(long)]
+    stats: bool,
     /// Flat binary to load.
     #[arg(required_unless_present = "kernel")]
     image: Option<PathBuf>,
+}
+
+/// `--disk FILE[,ro]`.
+#[derive(Clone, Debug)]
+struct DiskArg {
+    path: PathBuf,
+    read_only: bool,
+}
+
+fn parse_disk(arg: &str) -> Result<DiskArg, String> {
+    let (path, read_only) = match arg.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((_, other)) => return Err(format!("unknown disk option {other:?} (only \"ro\")")),
+        None => (arg, false),
+    };
+    if path.is_empty() {
+        return Err("no disk image file named".into());
+    }
+    Ok(DiskArg { path: PathBuf::from(path), read_only })
 }
 
 /// Diagnostics on stderr, at the level RKVM_LOG names (error, warn, info,
@@ -137,26 +173,52 @@ fn init_logging() {
     }
 }
 
+/// A bzImage boot: one initrd at most, and a UTF-8 command line.
+fn linux_guest(kernel: PathBuf, initrd: Vec<PathBuf>, append: Option<OsString>) -> anyhow::Result<vmm::Guest> {
+    if initrd.len() > 1 {
+        anyhow::bail!("--initrd: a Linux kernel takes one initrd, not {}", initrd.len());
+    }
+    let cmdline = match append {
+        Some(a) => a.into_string().map_err(|a| anyhow::anyhow!("--append {a:?}: not UTF-8"))?,
+        None => String::new(),
+    };
+    Ok(vmm::Guest::Linux { kernel, initrd: initrd.into_iter().next(), cmdline })
+}
+
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
             let guest = match (args.kernel, args.image) {
-                (Some(kernel), _) => vmm::Guest::Multiboot {
-                    kernel,
-                    modules: args.initrd,
-                    args: args.append.unwrap_or_default(),
+                // A file that cannot be read is reported by the Multiboot
+                // loader, which names it.
+                (Some(kernel), _) => match linux::is_bzimage(&kernel) {
+                    Ok(true) => linux_guest(kernel, args.initrd, args.append),
+                    Ok(false) | Err(_) => Ok(vmm::Guest::Multiboot {
+                        kernel,
+                        modules: args.initrd,
+                        args: args.append.unwrap_or_default(),
+                    }),
                 },
-                (None, Some(image)) => vmm::Guest::Flat {
+                (None, Some(image)) => Ok(vmm::Guest::Flat {
                     image,
                     mode: args.mode,
                     load: args.load,
                     entry: args.entry.unwrap_or(args.load),
-                },
+                }),
                 (None, None) => unreachable!("clap requires IMAGE without --kernel"),
             };
-            vmm::run(&vmm::RunConfig { dev: args.dev, mem_size: args.mem, guest, debug_step: args.debug_step })
+            guest.and_then(|guest| {
+                vmm::run(&vmm::RunConfig {
+                    dev: args.dev,
+                    mem_size: args.mem,
+                    guest,
+                    debug_step: args.debug_step,
+                    disk: args.disk.map(|d| (d.path, d.read_only)),
+                    stats: args.stats,
+                })
+            })
         }
         Command::Info { dev } => kvm::info(&dev).map(|()| 0),
     };

@@ -2,36 +2,30 @@
 //! kernel, and the run loop that hands port I/O and MMIO to the devices
 //! until the guest stops.
 
-use std::cell::Cell;
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::bus::{MmioBus, PortBus};
-use crate::devices::apic::{LocalApic, APIC_BASE, APIC_LEN};
-use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_BASE, DEBUG_EXIT_LEN};
-use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
-use crate::devices::pci::{PciConfig, PCI_CONFIG_BASE, PCI_CONFIG_LEN};
-use crate::devices::pic::{Pic, PIC_LEN, PIC_MASTER_BASE, PIC_SLAVE_BASE};
-use crate::devices::post::{PostCode, POST_LEN, POST_PORT};
-use crate::devices::serial::{SerialPort, COM1_BASE, COM1_LEN};
+use crate::devices::apic::APIC_BASE;
+use crate::devices::virtio_blk::VirtioBlk;
+use crate::platform::Platform;
 use crate::multiboot::{self, Boot};
 use crate::step::Stepper;
-use crate::{kvm, layout, loader, Mode};
+use crate::{kvm, layout, linux, loader, runner, Mode};
 
-/// RFLAGS.IF: a HLT with it clear can only end by NMI, SMI or reset, so the
-/// run is over.
-const RFLAGS_IF: u64 = 1 << 9;
 /// RFLAGS bit 1 is reserved and always 1.
 const RFLAGS_FIXED: u64 = 1 << 1;
 /// CPUID.1:ECX bit 5: VMX.
 const CPUID1_ECX_VMX: u32 = 1 << 5;
+/// CPUID.1:ECX bit 21: x2APIC; bit 24: TSC-deadline timer (an APIC mode).
+const CPUID1_ECX_X2APIC: u32 = 1 << 21;
+const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID.1:EDX bit 9: on-chip local APIC.
+const CPUID1_EDX_APIC: u32 = 1 << 9;
 /// CPUID.1:ECX bit 31: running under a hypervisor.
 const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Smallest guest RAM accepted: room for the real-mode IVT, BDA and a payload.
@@ -48,6 +42,10 @@ pub struct RunConfig {
     pub guest: Guest,
     /// Instructions to single-step and trace at the start (0: none).
     pub debug_step: u64,
+    /// A disk image for virtio-blk, and whether it is read-only.
+    pub disk: Option<(PathBuf, bool)>,
+    /// Print exit statistics when the guest ends.
+    pub stats: bool,
 }
 
 /// The guest software and how it starts.
@@ -72,12 +70,22 @@ pub enum Guest {
         /// The kernel's arguments.
         args: OsString,
     },
+    /// A Linux bzImage, booted through the 64-bit boot protocol.
+    Linux {
+        /// The bzImage.
+        kernel: PathBuf,
+        /// The initrd, if any.
+        initrd: Option<PathBuf>,
+        /// The kernel command line.
+        cmdline: String,
+    },
 }
 
 /// A guest whose files have been read and checked, before RAM exists.
 enum Prepared<'a> {
     Flat { image: &'a Path, mode: Mode, load: u64, entry: u64 },
     Multiboot(Boot),
+    Linux { kernel: &'a Path, initrd: Option<&'a Path>, cmdline: &'a str },
 }
 
 /// CPU state at the first instruction.
@@ -86,6 +94,8 @@ enum Start {
     Real(u64),
     /// Protected or long mode with flat segments, and these registers.
     Flat(Mode, kvm_regs),
+    /// 64-bit mode as the Linux boot protocol wants it.
+    Linux(linux::LinuxBoot),
 }
 
 /// Runs the guest; returns the process exit status.
@@ -111,6 +121,15 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
         Guest::Multiboot { kernel, modules, args } => {
             Prepared::Multiboot(Boot::prepare(kernel, modules, args, cfg.mem_size)?)
         }
+        Guest::Linux { kernel, initrd, cmdline } => {
+            Prepared::Linux { kernel, initrd: initrd.as_deref(), cmdline }
+        }
+    };
+    // The disk is opened before anything else exists, so a bad path is a
+    // one-line error with nothing created.
+    let disk = match &cfg.disk {
+        Some((path, read_only)) => Some(VirtioBlk::open(path, *read_only)?),
+        None => None,
     };
     // Guest memory first, so that it outlives the VM that maps it.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.mem_size as usize)])
@@ -131,6 +150,15 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
                 ..Default::default()
             };
             Start::Flat(Mode::Protected, regs)
+        }
+        Prepared::Linux { kernel, initrd, cmdline } => {
+            let cmdline = if disk.is_some() { format!("{cmdline} {}", Platform::disk_cmdline()) } else { cmdline.to_string() };
+            let boot = linux::load(&mem, cfg.mem_size, kernel, initrd, cmdline.trim())?;
+            write_system_tables(&mem, Mode::Long)?;
+            for (i, entry) in linux::gdt().iter().enumerate() {
+                mem.write_obj(*entry, GuestAddress(layout::GDT_ADDR + 8 * i as u64)).context("writing the GDT")?;
+            }
+            Start::Linux(boot)
         }
     };
 
@@ -156,20 +184,78 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
         .context("KVM_GET_SUPPORTED_CPUID failed")?;
     for entry in cpuid.as_mut_slice() {
         if entry.function == 1 {
-            entry.ecx = (entry.ecx & !CPUID1_ECX_VMX) | CPUID1_ECX_HYPERVISOR;
+            entry.ecx = (entry.ecx & !CPUID1_ECX_VMX & !CPUID1_ECX_X2APIC & !CPUID1_ECX_TSC_DEADLINE) | CPUID1_ECX_HYPERVISOR;
+            // No local APIC: the tool's xAPIC page only keeps registers, so
+            // a guest must use the 8259A PICs (as with QEMU's -cpu ...,-apic).
+            entry.edx &= !CPUID1_EDX_APIC;
         }
+    }
+    if let Ok(tsc_khz) = vcpu.get_tsc_khz() {
+        cpuid = with_tsc_leaf(&cpuid, tsc_khz)?;
     }
     vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2 failed")?;
     match start {
         Start::Real(entry) => enter_real_mode(&vcpu, entry)?,
         Start::Flat(mode, regs) => enter_flat_mode(&vcpu, mode, &regs)?,
+        Start::Linux(boot) => enter_linux(&vcpu, &boot)?,
     }
 
-    let exit_status = Rc::new(Cell::new(None));
-    let mut buses = platform(cfg.mem_size, &exit_status);
+    let mut platform = Platform::new(&mem, cfg.mem_size, disk)?;
     let mut stepper = Stepper::new(cfg.debug_step, &mem);
     stepper.start(&vcpu)?;
-    run_loop(&mut vcpu, &mut buses, &mut stepper, &exit_status)
+    let console = matches!(cfg.guest, Guest::Linux { .. });
+    let result = runner::run(&mut vcpu, &mut platform, &mut stepper, console);
+    if cfg.stats {
+        print_stats(&vcpu, &platform);
+    }
+    let outcome = result?;
+    if let Some(message) = outcome.message {
+        eprintln!("rkvm: {message}");
+    }
+    Ok(outcome.status)
+}
+
+/// `--stats`: the device's exit counts for the vCPU, then the accesses the
+/// tool's devices handled, on stderr.
+fn print_stats(vcpu: &VcpuFd, platform: &Platform) {
+    eprintln!("rkvm: exits (KVM_GET_STATS_FD of the vCPU):");
+    match runner::exit_stats(vcpu) {
+        Ok(stats) => {
+            for (name, value) in stats {
+                eprintln!("  {name:<40} {value:>12}");
+            }
+        }
+        Err(e) => eprintln!("  unavailable: {e:#}"),
+    }
+    eprintln!("rkvm: accesses handled by the tool's devices:");
+    for (bus, counts) in [("port", platform.pio.accesses()), ("mmio", platform.mmio.accesses())] {
+        for (name, n) in counts {
+            eprintln!("  {bus} {name:<35} {n:>12}");
+        }
+    }
+}
+
+/// CPUID leaf 15H, "Time Stamp Counter and Nominal Core Crystal Clock"
+/// (SDM Vol. 2A, CPUID), saying the TSC runs at `tsc_khz` (a 1:1 ratio to a
+/// crystal of that frequency). Without it a Linux guest calibrates the TSC
+/// against the PIT, which needs port reads far faster than VM exits to the
+/// VMM are (under an emulator it fails and Linux falls back to jiffies,
+/// with a periodic tick: an idle guest never stops waking up).
+fn with_tsc_leaf(cpuid: &kvm_bindings::CpuId, tsc_khz: u32) -> Result<kvm_bindings::CpuId> {
+    const TSC_LEAF: u32 = 0x15;
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> =
+        cpuid.as_slice().iter().filter(|e| e.function != TSC_LEAF).copied().collect();
+    for e in entries.iter_mut().filter(|e| e.function == 0) {
+        e.eax = e.eax.max(TSC_LEAF);
+    }
+    entries.push(kvm_bindings::kvm_cpuid_entry2 {
+        function: TSC_LEAF,
+        eax: 1,
+        ebx: 1,
+        ecx: tsc_khz.saturating_mul(1000),
+        ..Default::default()
+    });
+    kvm_bindings::CpuId::from_entries(&entries).map_err(|e| anyhow::anyhow!("CPUID table: {e:?}"))
 }
 
 /// Checks a flat image's entry point against the RAM and the mode.
@@ -213,29 +299,6 @@ fn load_flat_guest(
     write_system_tables(mem, mode)?;
     // The stack grows down from the image.
     Ok(Start::Flat(mode, kvm_regs { rip: entry, rsp: load, rflags: RFLAGS_FIXED, ..Default::default() }))
-}
-
-/// The devices a PC guest expects, on their buses. Present for every
-/// guest: a flat image that does not touch them sees no difference.
-struct Buses {
-    pio: PortBus,
-    mmio: MmioBus,
-}
-
-/// The devices at their PC addresses; the debug-exit device reports in
-/// `exit_status`.
-fn platform(mem_size: u64, exit_status: &Rc<Cell<Option<u32>>>) -> Buses {
-    let mut pio = PortBus::default();
-    pio.insert(PIC_MASTER_BASE, PIC_LEN, Box::new(Pic::new(PIC_MASTER_BASE)));
-    pio.insert(POST_PORT, POST_LEN, Box::new(PostCode));
-    pio.insert(PIC_SLAVE_BASE, PIC_LEN, Box::new(Pic::new(PIC_SLAVE_BASE)));
-    pio.insert(DEBUG_EXIT_BASE, DEBUG_EXIT_LEN, Box::new(DebugExit::new(exit_status.clone())));
-    pio.insert(COM1_BASE, COM1_LEN, Box::new(SerialPort::new(std::io::stdout())));
-    pio.insert(FW_CFG_BASE, FW_CFG_LEN, Box::new(FwCfg::new(mem_size)));
-    pio.insert(PCI_CONFIG_BASE, PCI_CONFIG_LEN, Box::new(PciConfig::default()));
-    let mut mmio = MmioBus::default();
-    mmio.insert(APIC_BASE, APIC_LEN, Box::new(LocalApic::default()));
-    Buses { pio, mmio }
 }
 
 /// Real mode with CS:IP pointing at `entry` (which is below 1 MiB):
@@ -320,87 +383,24 @@ fn enter_flat_mode(vcpu: &VcpuFd, mode: Mode, regs: &kvm_regs) -> Result<()> {
     Ok(())
 }
 
-fn run_loop(
-    vcpu: &mut VcpuFd,
-    buses: &mut Buses,
-    stepper: &mut Stepper<'_>,
-    exit_status: &Cell<Option<u32>>,
-) -> Result<u8> {
-    loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(..)) => {
-                for_each_io_element(vcpu, |port, element| buses.pio.write(port, element));
-                if let Some(value) = exit_status.get() {
-                    return Ok(DebugExit::exit_code(value));
-                }
-            }
-            Ok(VcpuExit::IoIn(..)) => for_each_io_element(vcpu, |port, element| buses.pio.read(port, element)),
-            Ok(VcpuExit::Hlt) => {
-                let regs = vcpu.get_regs().context("KVM_GET_REGS failed")?;
-                if regs.rflags & RFLAGS_IF == 0 {
-                    return Ok(0);
-                }
-                bail!("guest halted with interrupts enabled, and nothing can interrupt it yet\n{}", dump(vcpu));
-            }
-            Ok(VcpuExit::Shutdown) => bail!("guest shut down (triple fault)\n{}", dump(vcpu)),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                bail!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}\n{}", dump(vcpu))
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => buses.mmio.read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => buses.mmio.write(addr, data),
-            Ok(VcpuExit::Debug(arch)) => stepper.debug_exit(vcpu, &arch)?,
-            Ok(VcpuExit::InternalError) => bail!("KVM internal error\n{}", dump(vcpu)),
-            Ok(other) => {
-                let what = format!("{other:?}");
-                bail!("unexpected exit {what}\n{}", dump(vcpu))
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => bail!("KVM_RUN failed: {e}"),
-        }
-    }
-}
-
-/// Hands each element of the last KVM_EXIT_IO to `f`: one for IN and OUT,
-/// `count` for INS and OUTS (api.rst: `count` elements of `size` bytes at
-/// `data_offset` in the mmap'd area). kvm-ioctls' `VcpuExit` gives the data
-/// as one slice without the element size, so it is read from `kvm_run`.
-fn for_each_io_element(vcpu: &mut VcpuFd, mut f: impl FnMut(u16, &mut [u8])) {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the valid member.
-    let io = unsafe { run.__bindgen_anon_1.io };
-    let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
-    let (size, count) = (usize::from(io.size), io.count as usize);
-    let Some(len) = size.checked_mul(count).filter(|&l| (io.data_offset as usize).checked_add(l).is_some_and(|end| end <= 2 * 4096)) else {
-        log::warn!("KVM_EXIT_IO with {count} elements of {size} bytes at {:#x}: ignored", io.data_offset);
-        return;
+/// The 64-bit boot protocol's state: long mode with the identity map, CS
+/// and DS/ES/SS from the boot GDT (__BOOT_CS, __BOOT_DS), interrupts off,
+/// RSI = the zero page.
+fn enter_linux(vcpu: &VcpuFd, boot: &linux::LinuxBoot) -> Result<()> {
+    let regs = kvm_regs {
+        rip: boot.entry,
+        rsi: boot.boot_params,
+        rsp: linux::BOOT_STACK,
+        rbp: linux::BOOT_STACK,
+        rflags: RFLAGS_FIXED,
+        ..Default::default()
     };
-    // SAFETY: the kernel put `count * size` bytes at `data_offset` inside the
-    // vCPU's mapping (KVM_GET_VCPU_MMAP_SIZE covers the PIO page; checked
-    // above against the two pages every KVM-like device maps); nothing else uses them until the next run.
-    let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
-    for element in data.chunks_mut(size.max(1)) {
-        f(io.port, element);
-    }
-}
-
-/// The vCPU's registers, for error reports.
-fn dump(vcpu: &VcpuFd) -> String {
-    let mut out = String::new();
-    match (vcpu.get_regs(), vcpu.get_sregs()) {
-        (Ok(r), Ok(s)) => {
-            let _ = write_regs(&mut out, &r, &s);
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            let _ = write!(out, "  (registers unavailable: {e})");
-        }
-    }
-    out
-}
-
-fn write_regs(out: &mut String, r: &kvm_regs, s: &kvm_sregs) -> std::fmt::Result {
-    writeln!(out, "  rip {:016x}  rflags {:016x}  rsp {:016x}", r.rip, r.rflags, r.rsp)?;
-    writeln!(out, "  rax {:016x}  rbx {:016x}  rcx {:016x}  rdx {:016x}", r.rax, r.rbx, r.rcx, r.rdx)?;
-    writeln!(out, "  rsi {:016x}  rdi {:016x}  rbp {:016x}", r.rsi, r.rdi, r.rbp)?;
-    writeln!(out, "  cr0 {:016x}  cr3 {:016x}  cr4 {:016x}  efer {:016x}", s.cr0, s.cr3, s.cr4, s.efer)?;
-    write!(out, "  cs {:04x} base {:x}  ss {:04x} base {:x}", s.cs.selector, s.cs.base, s.ss.selector, s.ss.base)
+    enter_flat_mode(vcpu, Mode::Long, &regs)?;
+    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS failed")?;
+    let data = flat_segment(linux::BOOT_DS, false, true);
+    sregs.cs = flat_segment(linux::BOOT_CS, true, true);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.gdt.limit = (8 * linux::gdt().len() - 1) as u16;
+    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS failed")?;
+    Ok(())
 }

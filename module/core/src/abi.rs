@@ -153,6 +153,8 @@ macro_rules! kvm_ioctl_numbers {
         pub const KVM_GET_XCRS: u32 = ior::<kvm_abi_structs::kvm_xcrs>(0xa6);
         /// KVM_SET_XCRS
         pub const KVM_SET_XCRS: u32 = iow::<kvm_abi_structs::kvm_xcrs>(0xa7);
+        /// KVM_GET_TSC_KHZ
+        pub const KVM_GET_TSC_KHZ: u32 = io(0xa3);
         /// KVM_GET_STATS_FD (VM and vCPU fds)
         pub const KVM_GET_STATS_FD: u32 = io(0xce);
     };
@@ -202,6 +204,7 @@ mod tests {
         ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
         ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
         ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+        ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
     }
 
     #[test]
@@ -237,6 +240,7 @@ mod tests {
             ("KVM_GET_XCRS", host::KVM_GET_XCRS, reference::KVM_GET_XCRS()),
             ("KVM_SET_XCRS", host::KVM_SET_XCRS, reference::KVM_SET_XCRS()),
             ("KVM_GET_STATS_FD", host::KVM_GET_STATS_FD, reference::KVM_GET_STATS_FD()),
+            ("KVM_GET_TSC_KHZ", host::KVM_GET_TSC_KHZ, reference::KVM_GET_TSC_KHZ()),
         ];
         for (name, ours, theirs) in pairs {
             assert_eq!(u64::from(*ours), *theirs, "{name}");

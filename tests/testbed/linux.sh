@@ -1,0 +1,176 @@
+#!/bin/sh
+# Linux guest suite (issue 5): the project's own test kernel boots under
+# rkvm, and under KVM without an in-kernel irqchip, with the rkvm tool's
+# PIC, PIT, RTC, i8042 and 16550: to its busybox shell, runs a command from
+# its command line and powers off; a virtio-blk disk keeps what one VM wrote
+# for the next; an idle guest sleeps in HLT; a reboot ends the run; bad
+# input is refused with one line.
+. /tests/lib.sh
+
+KERNEL=/guest/bzImage
+INITRD=/guest/initrd.cpio
+ARGS="console=ttyS0 quiet"
+
+unload_all() {
+    rmmod rkvm 2>/dev/null || true
+    rmmod kvm_intel 2>/dev/null || true
+    rmmod kvm 2>/dev/null || true
+}
+
+use() {
+    unload_all
+    modprobe "$1"
+}
+
+# guest DEV OUT CMD [EXTRA...]: boots the guest with rkvm_cmd=CMD; its
+# console in OUT.out, the tool's stderr in OUT.err, the status appended.
+guest() {
+    dev=$1
+    out=$2
+    cmd=$3
+    shift 3
+    status=0
+    rkvm run --dev "$dev" --mem 128M --kernel $KERNEL --initrd $INITRD \
+        --append "$ARGS rkvm_cmd=\"$cmd\"" "$@" < /dev/null > "$out.out" 2> "$out.err" || status=$?
+    echo "exit status $status" >> "$out.out"
+}
+
+# CPU time (utime + stime, in clock ticks) of process $1.
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
+# idle DEV OUT: a guest that sleeps 10 s; the tool's CPU use meanwhile, in
+# percent of one CPU, into OUT.idle.
+idle() {
+    rkvm run --dev "$1" --mem 128M --kernel $KERNEL --initrd $INITRD \
+        --append "$ARGS rkvm_cmd=\"echo idle-start; sleep 10; echo idle-end\"" < /dev/null > "$2.out" 2> "$2.err" &
+    pid=$!
+    i=0
+    until grep -q idle-start "$2.out" 2>/dev/null; do
+        i=$((i + 1))
+        [ $i -le 600 ] || { echo "no idle-start" > "$2.idle"; kill $pid; return; }
+        sleep 0.1
+    done
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    c0=$(cpu_ticks $pid)
+    until grep -q idle-end "$2.out" 2>/dev/null; do
+        sleep 0.1
+    done
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    c1=$(cpu_ticks $pid)
+    wait $pid || true
+    # Clock ticks are 1/100 s: percent = ticks / seconds.
+    awk -v c="$((c1 - c0))" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.1f %% of a CPU over %.1f s\n", c / (t1 - t0), t1 - t0 }' > "$2.idle"
+}
+
+runs_on() {
+    dev=$1
+    tag=$2
+    guest "$dev" "/tmp/$tag-hello" "uname -sr; cat /proc/interrupts; echo hello from the guest" --stats
+    # A disk written by one VM, read by the next.
+    dd if=/dev/zero of="/tmp/$tag-disk.img" bs=1M count=8 2>/dev/null
+    guest "$dev" "/tmp/$tag-disk-write" \
+        "mke2fs -q /dev/vda && mount /dev/vda /mnt && echo rkvm-disk-test-4711 > /mnt/file && umount /mnt && echo written" \
+        --disk "/tmp/$tag-disk.img"
+    md5sum "/tmp/$tag-disk.img" | cut -d' ' -f1 > "/tmp/$tag-disk.md5"
+    guest "$dev" "/tmp/$tag-disk-read" "mount -o ro /dev/vda /mnt && cat /mnt/file" --disk "/tmp/$tag-disk.img,ro"
+    guest "$dev" "/tmp/$tag-disk-ro" "echo x | dd of=/dev/vda bs=512 count=1 conv=fsync 2>&1; echo dd status \$?" \
+        --disk "/tmp/$tag-disk.img,ro"
+    md5sum "/tmp/$tag-disk.img" | cut -d' ' -f1 > "/tmp/$tag-disk-after.md5"
+    guest "$dev" "/tmp/$tag-reboot" "echo rebooting; reboot -f"
+    idle "$dev" "/tmp/$tag-idle"
+}
+
+on_rkvm() {
+    use rkvm
+    runs_on /dev/rkvm rkvm
+    cat /tmp/rkvm-hello.out /tmp/rkvm-hello.err
+}
+
+on_kvm() {
+    use kvm_intel
+    runs_on /dev/kvm kvm
+    cat /tmp/kvm-hello.out
+    use rkvm
+}
+
+boots_to_a_shell_and_runs_a_command() {
+    for tag in rkvm kvm; do
+        grep -q '^rkvm guest: Linux 6.12' /tmp/$tag-hello.out
+        grep -q '^hello from the guest' /tmp/$tag-hello.out
+        grep -q 'timer' /tmp/$tag-hello.out
+        grep -q '^rkvm guest: command exit status 0' /tmp/$tag-hello.out
+        grep -qx 'exit status 0' /tmp/$tag-hello.out || { echo "$tag:"; cat /tmp/$tag-hello.out /tmp/$tag-hello.err; return 1; }
+    done
+}
+
+interrupts_come_from_the_tool_s_pic() {
+    for tag in rkvm kvm; do
+        grep -q 'XT-PIC *timer' /tmp/$tag-hello.out
+        grep -q 'XT-PIC *ttyS0' /tmp/$tag-hello.out
+    done
+}
+
+stats_show_exits_by_reason() {
+    grep -q '^  exit_reason_io_instruction ' /tmp/rkvm-hello.err
+    grep -q '^  exit_reason_interrupt_window ' /tmp/rkvm-hello.err
+    grep -q '^  port pit ' /tmp/rkvm-hello.err
+    grep -q '^  port serial ' /tmp/rkvm-hello.err
+    grep -q 'KVM_GET_STATS_FD' /tmp/kvm-hello.err || true
+}
+
+a_disk_keeps_what_a_vm_wrote() {
+    for tag in rkvm kvm; do
+        grep -q '^written' /tmp/$tag-disk-write.out
+        grep -q '^rkvm-disk-test-4711' /tmp/$tag-disk-read.out || { cat /tmp/$tag-disk-read.out /tmp/$tag-disk-read.err; return 1; }
+    done
+}
+
+a_read_only_disk_refuses_writes() {
+    for tag in rkvm kvm; do
+        grep -q '^dd status [1-9]' /tmp/$tag-disk-ro.out || { cat /tmp/$tag-disk-ro.out; return 1; }
+        diff /tmp/$tag-disk.md5 /tmp/$tag-disk-after.md5
+    done
+}
+
+a_reboot_ends_the_run() {
+    for tag in rkvm kvm; do
+        grep -q '^rebooting' /tmp/$tag-reboot.out
+        grep -qx 'exit status 0' /tmp/$tag-reboot.out || { cat /tmp/$tag-reboot.out /tmp/$tag-reboot.err; return 1; }
+        grep -q 'reset' /tmp/$tag-reboot.err
+    done
+}
+
+an_idle_guest_costs_little_cpu() {
+    cat /tmp/rkvm-idle.idle /tmp/kvm-idle.idle
+    awk '{ exit !($1 < 5) }' /tmp/rkvm-idle.idle
+}
+
+# Bad input: one line naming the problem, status 1, nothing created.
+bad_input_is_refused() {
+    use rkvm
+    head -c 100000 $KERNEL > /tmp/truncated.bzImage
+    expect_fail rkvm run --mem 128M --kernel /tmp/truncated.bzImage --initrd $INITRD
+    grep -q 'truncated.bzImage' /tmp/expect.out
+    expect_fail rkvm run --mem 128M --kernel $KERNEL --initrd /tmp/no-such-initrd
+    grep -q 'no-such-initrd' /tmp/expect.out
+    expect_fail rkvm run --mem 128M --kernel $KERNEL --initrd $INITRD --disk /tmp/no-such-dir/disk.img
+    grep -q 'no-such-dir/disk.img' /tmp/expect.out
+    [ ! -e /tmp/no-such-dir ]
+    expect_fail rkvm run --mem 128M --kernel $KERNEL --initrd $INITRD --disk /tmp/rkvm-disk.img,rw
+    grep -q 'unknown disk option' /tmp/expect.out
+}
+
+check "Linux under rkvm" on_rkvm
+check "Linux under KVM (no in-kernel irqchip), the oracle" on_kvm
+check "the test kernel boots to its shell, runs a command and powers off (exit 0) on both" boots_to_a_shell_and_runs_a_command
+check "timer and serial interrupts come through the tool's 8259 PIC" interrupts_come_from_the_tool_s_pic
+check "--stats shows exits by reason and accesses by device" stats_show_exits_by_reason
+check "a file written to a virtio-blk disk by one VM is read by the next" a_disk_keeps_what_a_vm_wrote
+check "a read-only disk refuses writes and the image is unchanged" a_read_only_disk_refuses_writes
+check "a guest reboot (i8042 reset) ends the run cleanly" a_reboot_ends_the_run
+check "an idle guest uses under 5% of a host CPU" an_idle_guest_costs_little_cpu
+check "bad input: truncated bzImage, missing initrd, unopenable disk, bad disk option" bad_input_is_refused
+unload_all
+finish

@@ -1,0 +1,836 @@
+//! The guest's serial console on the VMM's stdin, as QEMU's `-nographic`
+//! (`-serial mon:stdio`) gives it: what the user types goes to the guest,
+//! what the guest sends goes to stdout (the serial device writes it there).
+//!
+//! # Terminal or not
+//!
+//! When stdin is a terminal, [`Console::start`] puts it in raw mode for the
+//! guest's benefit: no line editing, no echo, no signals from Ctrl-C or
+//! Ctrl-Z, no XON/XOFF, Enter sends CR (the guest's tty turns it into LF),
+//! 8-bit characters. Output processing (`OPOST`) stays on and the other
+//! output flags are left as they were, as QEMU's stdio backend does: the
+//! terminal normally has `ONLCR`, so the VMM's own diagnostics, which end
+//! in a bare "\n", still start at the left margin instead of drifting right.
+//! A Linux guest's tty already sends "\r\n", which `ONLCR` turns into
+//! "\r\r\n": the same on screen. The cost: a guest program that puts its own
+//! tty in raw mode and moves the cursor down with a bare LF gets a carriage
+//! return with it. That trade is QEMU's, and what its users expect.
+//!
+//! The terminal's settings are restored on every way out: when the
+//! [`Console`] is dropped (normal or error return, unwinding), from a panic
+//! hook (before the panic message), from an `atexit` handler
+//! (`std::process::exit`), and from handlers for SIGHUP, SIGINT, SIGQUIT,
+//! SIGTERM and SIGABRT, which restore the settings and then let the signal
+//! end the process with its default action (so the exit status still says
+//! "killed by SIGTERM"). Signals that were not at their default action
+//! (ignored under `nohup`, say) are left alone. On SIGCONT, after the
+//! process was stopped and the shell took the terminal back, raw mode is
+//! applied again if the process is in the foreground.
+//!
+//! Without a terminal (a pipe, a file, /dev/null), stdin is passed to the
+//! guest byte for byte, with no escapes, and its end just stops the input.
+//!
+//! # Escapes
+//!
+//! On a terminal, Ctrl-A starts an escape, as in QEMU:
+//!
+//! - Ctrl-A x: quit. "rkvm: terminated by Ctrl-A x" goes to stderr and the
+//!   console reports [`ConsoleEvent::Quit`]; the VMM ends the run with exit
+//!   status 0.
+//! - Ctrl-A Ctrl-A: one Ctrl-A for the guest.
+//! - Ctrl-A h (or ?): a short help on stderr.
+//! - Ctrl-A and any other key: the key is dropped (QEMU drops it silently)
+//!   and stderr says which escape was unknown.
+//!
+//! Escapes are off without a terminal, so that piped input reaches the guest
+//! unchanged whatever bytes it holds (QEMU applies them to any stdio).
+//!
+//! # Threads
+//!
+//! A reader thread waits for stdin with poll(2) and sends what it reads to
+//! the VMM through a channel, then calls the `kick` callback so that a vCPU
+//! inside KVM_RUN comes out and delivers it. [`Console::try_recv`] takes
+//! events without waiting; [`Console::recv_timeout`] parks a halted vCPU
+//! until input arrives or its timer is due. Dropping the [`Console`] stops
+//! and joins the reader before the terminal is restored: after that no
+//! stdin is read and `kick` is not called again.
+
+use std::ffi::c_int;
+use std::io::{self, IsTerminal, Write};
+use std::mem::{self, MaybeUninit};
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Once;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The escape key, Ctrl-A, as in QEMU.
+pub const ESCAPE: u8 = 0x01;
+
+/// The line on stderr when Ctrl-A x ends the run.
+pub const QUIT_MESSAGE: &str = "rkvm: terminated by Ctrl-A x";
+
+/// The help for Ctrl-A h. The terminal is raw, so lines end in "\r\n"; the
+/// first one starts a fresh line after whatever the guest printed.
+const HELP: &str = "\r\nrkvm console escapes: Ctrl-A then\r\n  \
+                    x        quit rkvm (exit status 0)\r\n  \
+                    Ctrl-A   send Ctrl-A to the guest\r\n  \
+                    h or ?   this help\r\n";
+
+const STDIN: RawFd = 0;
+
+/// What the console has for the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// Bytes for the guest's serial port, in order.
+    Input(Vec<u8>),
+    /// The user typed Ctrl-A x: end the run with exit status 0. The message
+    /// is already on stderr. Nothing follows.
+    Quit,
+    /// stdin ended (or failed, with a warning logged): no more input.
+    /// Nothing follows.
+    Eof,
+}
+
+/// One result of [`EscapeParser::feed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Escaped {
+    /// Bytes for the guest, in order.
+    Guest(Vec<u8>),
+    /// Ctrl-A x.
+    Quit,
+    /// Ctrl-A h or Ctrl-A ?.
+    Help,
+    /// Ctrl-A followed by this key, which is no escape. The key is dropped.
+    Unknown(u8),
+}
+
+/// Finds the Ctrl-A escapes in what the user types. Pure: it prints
+/// nothing and keeps only whether the last byte fed was a Ctrl-A, so an
+/// escape split across two reads is still one escape.
+#[derive(Debug, Default)]
+pub struct EscapeParser {
+    after_escape: bool,
+}
+
+impl EscapeParser {
+    /// A parser that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the last byte fed was a Ctrl-A that still waits for its key.
+    #[cfg(test)]
+    pub fn pending(&self) -> bool {
+        self.after_escape
+    }
+
+    /// Splits `input` into bytes for the guest and escapes, in order;
+    /// consecutive guest bytes come as one [`Escaped::Guest`]. A
+    /// [`Escaped::Quit`] is the last item: the bytes after it are dropped.
+    pub fn feed(&mut self, input: &[u8]) -> Vec<Escaped> {
+        let mut out = Vec::new();
+        let mut guest = Vec::new();
+        for &byte in input {
+            if !self.after_escape {
+                if byte == ESCAPE {
+                    self.after_escape = true;
+                } else {
+                    guest.push(byte);
+                }
+                continue;
+            }
+            self.after_escape = false;
+            let escape = match byte {
+                ESCAPE => {
+                    guest.push(ESCAPE);
+                    continue;
+                }
+                b'x' => Escaped::Quit,
+                b'h' | b'?' => Escaped::Help,
+                other => Escaped::Unknown(other),
+            };
+            if !guest.is_empty() {
+                out.push(Escaped::Guest(mem::take(&mut guest)));
+            }
+            let quit = escape == Escaped::Quit;
+            out.push(escape);
+            if quit {
+                return out;
+            }
+        }
+        if !guest.is_empty() {
+            out.push(Escaped::Guest(guest));
+        }
+        out
+    }
+}
+
+/// How a key is called in messages: "x", "Ctrl-B", "Esc", "byte 0xc3".
+fn key_name(key: u8) -> String {
+    match key {
+        b'\t' => "Tab".into(),
+        b'\r' => "Enter".into(),
+        0x1b => "Esc".into(),
+        b' ' => "Space".into(),
+        0x7f => "Backspace".into(),
+        // Ctrl-@ (0x00) to Ctrl-_ (0x1f), named as the terminal sends them.
+        0x00..=0x1f => format!("Ctrl-{}", char::from(key + 0x40)),
+        0x21..=0x7e => char::from(key).to_string(),
+        _ => format!("byte {key:#04x}"),
+    }
+}
+
+/// The message for Ctrl-A followed by `key`, on a line of its own.
+fn unknown_escape_message(key: u8) -> String {
+    format!("\r\nrkvm: unknown escape Ctrl-A {}; Ctrl-A h for help\r\n", key_name(key))
+}
+
+/// A running console: the reader thread, its channel, and the terminal's
+/// raw mode (restored on drop).
+pub struct Console {
+    rx: Receiver<ConsoleEvent>,
+    /// Keeps the channel open once the reader has stopped, so that
+    /// `recv_timeout` still waits for its timeout instead of returning at
+    /// once when there can be no more input.
+    _tx: Sender<ConsoleEvent>,
+    /// Dropping this end wakes the reader and stops it.
+    stop: Option<io::PipeWriter>,
+    reader: Option<JoinHandle<()>>,
+    /// Dropped after the reader has been joined (see `Drop`); only its drop
+    /// matters (tests look at it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    raw: Option<RawModeGuard>,
+}
+
+impl Console {
+    /// Starts reading stdin for the guest. If stdin is a terminal it goes
+    /// into raw mode and Ctrl-A escapes apply; otherwise its bytes are
+    /// passed on unchanged. `kick` is called on the reader thread after
+    /// each batch of events, until the `Console` is dropped.
+    ///
+    /// # Errors
+    /// stdin is a terminal whose settings cannot be read or changed, another
+    /// `Console` has it in raw mode, or the reader thread cannot start.
+    pub fn start(kick: impl Fn() + Send + 'static) -> io::Result<Self> {
+        let raw = if io::stdin().is_terminal() { Some(RawModeGuard::enable(STDIN)?) } else { None };
+        let escapes = raw.is_some();
+        Self::spawn(STDIN, raw, escapes, kick, Box::new(io::stderr()))
+    }
+
+    /// The console on `input` (which must stay open until it is dropped),
+    /// with its messages on `messages`.
+    fn spawn(
+        input: RawFd,
+        raw: Option<RawModeGuard>,
+        escapes: bool,
+        kick: impl Fn() + Send + 'static,
+        mut messages: Box<dyn Write + Send>,
+    ) -> io::Result<Self> {
+        // A pipe, not a socket pair: the test kernel has no networking.
+        let (stop_peer, stop) = io::pipe()?;
+        let (tx, rx) = mpsc::channel();
+        let reader_tx = tx.clone();
+        let reader = std::thread::Builder::new().name("rkvm-console".into()).spawn(move || {
+            let parser = escapes.then(EscapeParser::new);
+            pump(input, &stop_peer, parser, &reader_tx, &kick, &mut *messages);
+        })?;
+        Ok(Self { rx, _tx: tx, stop: Some(stop), reader: Some(reader), raw })
+    }
+
+    /// Whether stdin is a terminal in raw mode, with escapes.
+    #[cfg(test)]
+    pub fn is_terminal(&self) -> bool {
+        self.raw.is_some()
+    }
+
+    /// The next event, if one is waiting.
+    pub fn try_recv(&self) -> Option<ConsoleEvent> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The next event, waiting up to `timeout` for it. After
+    /// [`ConsoleEvent::Quit`] or [`ConsoleEvent::Eof`] this waits the whole
+    /// timeout and returns `None`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<ConsoleEvent> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        // Closing our end makes the reader's poll return; it stops without
+        // reading more, so no typed-ahead input is lost to a dead guest's
+        // console once the shell has the terminal back.
+        drop(self.stop.take());
+        if let Some(reader) = self.reader.take() {
+            // A panic in the reader (in `kick`) was already reported.
+            let _ = reader.join();
+        }
+        // `raw` is dropped next, restoring the terminal.
+    }
+}
+
+/// What woke the reader.
+enum Ready {
+    /// stdin has data, an end or an error for read(2) to report.
+    Input,
+    /// The console is being dropped.
+    Stop,
+    /// stdin is not an open file descriptor.
+    Closed,
+}
+
+/// The reader thread: stdin to `tx` until it ends, the user quits, or
+/// `stop`'s peer is closed.
+fn pump(
+    input: RawFd,
+    stop: &io::PipeReader,
+    mut parser: Option<EscapeParser>,
+    tx: &Sender<ConsoleEvent>,
+    kick: &dyn Fn(),
+    messages: &mut dyn Write,
+) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let len = match wait_readable(input, stop.as_raw_fd()) {
+            Ok(Ready::Stop) => return,
+            Ok(Ready::Input) => match read_fd(input, &mut buf) {
+                Ok(len) => len,
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => continue,
+                Err(e) => {
+                    log::warn!("console: reading stdin failed: {e}; no more input for the guest");
+                    0
+                }
+            },
+            Ok(Ready::Closed) => 0,
+            Err(e) => {
+                log::warn!("console: waiting for stdin failed: {e}; no more input for the guest");
+                0
+            }
+        };
+        if len == 0 {
+            if tx.send(ConsoleEvent::Eof).is_ok() {
+                kick();
+            }
+            return;
+        }
+        let events = match &mut parser {
+            None => vec![ConsoleEvent::Input(buf[..len].to_vec())],
+            Some(parser) => act_on(parser.feed(&buf[..len]), messages),
+        };
+        let quit = events.last() == Some(&ConsoleEvent::Quit);
+        if !events.is_empty() {
+            for event in events {
+                if tx.send(event).is_err() {
+                    // The console is gone.
+                    return;
+                }
+            }
+            kick();
+        }
+        if quit {
+            return;
+        }
+    }
+}
+
+/// Prints the messages that escapes ask for and turns the rest into events.
+fn act_on(escaped: Vec<Escaped>, messages: &mut dyn Write) -> Vec<ConsoleEvent> {
+    let mut events = Vec::new();
+    for item in escaped {
+        let message = match item {
+            Escaped::Guest(bytes) => {
+                events.push(ConsoleEvent::Input(bytes));
+                continue;
+            }
+            Escaped::Help => HELP.to_string(),
+            Escaped::Unknown(key) => unknown_escape_message(key),
+            Escaped::Quit => {
+                events.push(ConsoleEvent::Quit);
+                format!("\r\n{QUIT_MESSAGE}\r\n")
+            }
+        };
+        // One write per message, so that it is not split by other output.
+        let _ = messages.write_all(message.as_bytes()).and_then(|()| messages.flush());
+    }
+    events
+}
+
+/// Waits until `input` can be read or `stop` is readable or closed.
+fn wait_readable(input: RawFd, stop: RawFd) -> io::Result<Ready> {
+    let mut fds = [
+        libc::pollfd { fd: input, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: `fds` is an array of `fds.len()` initialized pollfd
+        // structures, valid for the whole call; poll writes only their
+        // `revents`.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Ready::Stop);
+        }
+        if fds[0].revents & libc::POLLNVAL != 0 {
+            return Ok(Ready::Closed);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Ready::Input);
+        }
+    }
+}
+
+/// read(2) into `buf`.
+fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and read
+    // writes at most that many.
+    let len = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(len).map_err(|_| io::Error::last_os_error())
+}
+
+/// The settings to put back, where the signal handlers, the panic hook and
+/// the exit handler find them.
+struct SavedModes {
+    fd: RawFd,
+    original: libc::termios,
+    raw: libc::termios,
+}
+
+/// The terminal in raw mode, if any: a `SavedModes` that is never freed
+/// (a signal handler on another thread may be reading it when the guard
+/// drops), leaked once per raw-mode session.
+static SAVED: AtomicPtr<SavedModes> = AtomicPtr::new(ptr::null_mut());
+
+/// Signals whose default action ends the process; their handlers restore
+/// the terminal first.
+const FATAL_SIGNALS: [c_int; 5] = [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGABRT];
+
+/// A terminal in raw mode; dropping it restores the original settings and
+/// the signal actions it replaced.
+pub struct RawModeGuard {
+    fd: RawFd,
+    original: libc::termios,
+    /// The signal actions replaced by ours.
+    replaced: Vec<(c_int, libc::sigaction)>,
+}
+
+impl RawModeGuard {
+    /// Puts the terminal on `fd` in raw mode (see the module documentation)
+    /// until the guard is dropped.
+    ///
+    /// # Errors
+    /// `fd` is not a terminal, its settings cannot be changed, a signal
+    /// handler cannot be installed, or a guard already exists.
+    pub fn enable(fd: RawFd) -> io::Result<Self> {
+        let original = get_modes(fd)?;
+        let saved = Box::into_raw(Box::new(SavedModes { fd, original, raw: raw_modes(&original) }));
+        if SAVED.compare_exchange(ptr::null_mut(), saved, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // SAFETY: `saved` comes from Box::into_raw above and was not
+            // published, so this is its only owner.
+            drop(unsafe { Box::from_raw(saved) });
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the terminal is already in raw mode for a console",
+            ));
+        }
+        install_exit_hooks();
+        // From here on, a failure drops the guard, which undoes what was done.
+        let mut guard = Self { fd, original, replaced: Vec::new() };
+        for signal in FATAL_SIGNALS {
+            guard.handle(signal, restore_and_reraise, libc::SA_RESETHAND)?;
+        }
+        guard.handle(libc::SIGCONT, reapply_raw_modes, libc::SA_RESTART)?;
+        // SAFETY: SAVED was published above and is only unpublished by this
+        // guard's drop; the SavedModes it points at is never freed.
+        set_modes(fd, unsafe { &(*saved).raw })?;
+        Ok(guard)
+    }
+
+    /// Installs `handler` for `signal` if the signal has its default action.
+    fn handle(&mut self, signal: c_int, handler: extern "C" fn(c_int), flags: c_int) -> io::Result<()> {
+        // SAFETY: sigaction is plain data, for which all zeroes is valid.
+        let mut old: libc::sigaction = unsafe { mem::zeroed() };
+        // SAFETY: a null new action only queries; `old` is valid for writes.
+        if unsafe { libc::sigaction(signal, ptr::null(), &mut old) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if old.sa_sigaction != libc::SIG_DFL {
+            // Ignored (nohup) or someone else's handler: theirs to keep.
+            return Ok(());
+        }
+        // SAFETY: as above.
+        let mut new: libc::sigaction = unsafe { mem::zeroed() };
+        new.sa_sigaction = handler as libc::sighandler_t;
+        new.sa_flags = flags;
+        // SAFETY: `new.sa_mask` is valid for writes.
+        unsafe { libc::sigemptyset(&mut new.sa_mask) };
+        // SAFETY: `new` is initialized and names a handler with the
+        // signature sigaction expects without SA_SIGINFO; the handlers do
+        // only async-signal-safe things.
+        if unsafe { libc::sigaction(signal, &new, ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.replaced.push((signal, old));
+        Ok(())
+    }
+}
+
+impl Drop for RawModeGuard {
+    fn drop(&mut self) {
+        if let Err(e) = set_modes(self.fd, &self.original) {
+            log::warn!("console: cannot restore the terminal's settings: {e}");
+        }
+        // Unpublished only after the restore: a signal in between finds the
+        // settings restored already, or restores them again.
+        SAVED.store(ptr::null_mut(), Ordering::Release);
+        for (signal, old) in self.replaced.drain(..) {
+            // SAFETY: `old` is the action sigaction returned for `signal`.
+            unsafe { libc::sigaction(signal, &old, ptr::null_mut()) };
+        }
+    }
+}
+
+/// The terminal's settings on `fd`.
+fn get_modes(fd: RawFd) -> io::Result<libc::termios> {
+    let mut modes = MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: `modes` is valid for writes of a termios.
+    if unsafe { libc::tcgetattr(fd, modes.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: tcgetattr succeeded, so it filled `modes`.
+    Ok(unsafe { modes.assume_init() })
+}
+
+/// Applies `modes` to the terminal on `fd` at once.
+fn set_modes(fd: RawFd, modes: &libc::termios) -> io::Result<()> {
+    // SAFETY: `modes` is a valid termios; tcsetattr only reads it.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, modes) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `original` made raw for the guest: cfmakeraw(3) except that output
+/// processing stays on (see the module documentation).
+fn raw_modes(original: &libc::termios) -> libc::termios {
+    let mut modes = *original;
+    modes.c_iflag &= !(libc::IGNBRK
+        | libc::BRKINT
+        | libc::PARMRK
+        | libc::ISTRIP
+        | libc::INLCR
+        | libc::IGNCR
+        | libc::ICRNL
+        | libc::IXON);
+    modes.c_oflag |= libc::OPOST;
+    modes.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::ISIG | libc::IEXTEN);
+    modes.c_cflag &= !(libc::CSIZE | libc::PARENB);
+    modes.c_cflag |= libc::CS8;
+    modes.c_cc[libc::VMIN] = 1;
+    modes.c_cc[libc::VTIME] = 0;
+    modes
+}
+
+/// Restores the original settings if a terminal is in raw mode. Only
+/// async-signal-safe calls: it runs in signal handlers.
+fn restore_original_modes() {
+    let saved = SAVED.load(Ordering::Acquire);
+    if saved.is_null() {
+        return;
+    }
+    // SAFETY: a non-null SAVED points at a SavedModes, filled before it was
+    // published and never freed.
+    let saved = unsafe { &*saved };
+    // SAFETY: tcsetattr is async-signal-safe and only reads the termios.
+    unsafe { libc::tcsetattr(saved.fd, libc::TCSANOW, &saved.original) };
+}
+
+/// The handler for `FATAL_SIGNALS`.
+extern "C" fn restore_and_reraise(signal: c_int) {
+    restore_original_modes();
+    // SAFETY: raise is async-signal-safe. SA_RESETHAND put the default
+    // action back on entry and the signal stays blocked while this handler
+    // runs, so it is delivered again on return and ends the process as if
+    // no handler had been installed.
+    unsafe { libc::raise(signal) };
+}
+
+/// The handler for SIGCONT: raw mode again after a stop, in the foreground
+/// only (from the background, tcsetattr would stop the process again with
+/// SIGTTOU).
+extern "C" fn reapply_raw_modes(_signal: c_int) {
+    // SAFETY: __errno_location returns this thread's errno, which the
+    // interrupted code may be about to read: it is put back below.
+    let errno = unsafe { *libc::__errno_location() };
+    let saved = SAVED.load(Ordering::Acquire);
+    if !saved.is_null() {
+        // SAFETY: as in `restore_original_modes`.
+        let saved = unsafe { &*saved };
+        // SAFETY: tcgetpgrp, getpgrp and tcsetattr are async-signal-safe;
+        // the termios is only read.
+        unsafe {
+            if libc::tcgetpgrp(saved.fd) == libc::getpgrp() {
+                libc::tcsetattr(saved.fd, libc::TCSANOW, &saved.raw);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The panic hook and the atexit handler, installed once per process; they
+/// do nothing while no terminal is in raw mode.
+fn install_exit_hooks() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The settings go back before the panic message is printed, so that
+        // it is readable; the previous hook prints it.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_original_modes();
+            previous(info);
+        }));
+        // SAFETY: `restore_at_exit` is a C-ABI function without arguments
+        // that only reads SAVED and calls tcsetattr.
+        if unsafe { libc::atexit(restore_at_exit) } != 0 {
+            log::warn!("console: cannot register the terminal's restore at exit");
+        }
+    });
+}
+
+extern "C" fn restore_at_exit() {
+    restore_original_modes();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::io::Read;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use super::*;
+
+    fn guest(bytes: &[u8]) -> Escaped {
+        Escaped::Guest(bytes.to_vec())
+    }
+
+    #[test]
+    fn plain_bytes_pass_through_as_one_run() {
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"ls -l\r"), [guest(b"ls -l\r")]);
+        assert_eq!(parser.feed(b""), []);
+        assert!(!parser.pending());
+    }
+
+    #[test]
+    fn ctrl_a_x_quits_and_drops_what_follows() {
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"\x01x"), [Escaped::Quit]);
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"ab\x01xcd"), [guest(b"ab"), Escaped::Quit]);
+    }
+
+    #[test]
+    fn ctrl_a_ctrl_a_sends_one_ctrl_a() {
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"\x01\x01"), [guest(b"\x01")]);
+        assert_eq!(parser.feed(b"a\x01\x01b"), [guest(b"a\x01b")]);
+        assert_eq!(parser.feed(b"\x01\x01\x01\x01"), [guest(b"\x01\x01")]);
+        assert!(!parser.pending());
+    }
+
+    #[test]
+    fn ctrl_a_h_asks_for_help() {
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"a\x01hb"), [guest(b"a"), Escaped::Help, guest(b"b")]);
+        assert_eq!(parser.feed(b"\x01?"), [Escaped::Help]);
+    }
+
+    #[test]
+    fn unknown_escape_drops_the_key_and_goes_on() {
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"\x01qrs"), [Escaped::Unknown(b'q'), guest(b"rs")]);
+        assert_eq!(parser.feed(b"\x01X"), [Escaped::Unknown(b'X')]);
+        assert!(!parser.pending());
+    }
+
+    #[test]
+    fn escape_split_across_reads() {
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"abc\x01"), [guest(b"abc")]);
+        assert!(parser.pending());
+        assert_eq!(parser.feed(b"x"), [Escaped::Quit]);
+
+        let mut parser = EscapeParser::new();
+        assert_eq!(parser.feed(b"\x01"), []);
+        assert_eq!(parser.feed(b"\x01z"), [guest(b"\x01z")]);
+    }
+
+    #[test]
+    fn keys_are_named_as_typed() {
+        assert_eq!(key_name(b'q'), "q");
+        assert_eq!(key_name(0x02), "Ctrl-B");
+        assert_eq!(key_name(0x00), "Ctrl-@");
+        assert_eq!(key_name(0x1c), "Ctrl-\\");
+        assert_eq!(key_name(b'\r'), "Enter");
+        assert_eq!(key_name(0x1b), "Esc");
+        assert_eq!(key_name(b' '), "Space");
+        assert_eq!(key_name(0x7f), "Backspace");
+        assert_eq!(key_name(0xc3), "byte 0xc3");
+        assert_eq!(unknown_escape_message(b'q'), "\r\nrkvm: unknown escape Ctrl-A q; Ctrl-A h for help\r\n");
+    }
+
+    #[test]
+    fn raw_modes_keep_output_processing() {
+        // SAFETY: termios is plain data, for which all zeroes is valid.
+        let mut cooked: libc::termios = unsafe { mem::zeroed() };
+        cooked.c_iflag = libc::ICRNL | libc::IXON | libc::BRKINT | libc::IUTF8;
+        cooked.c_oflag = libc::OPOST | libc::ONLCR;
+        cooked.c_lflag = libc::ICANON | libc::ECHO | libc::ISIG | libc::IEXTEN | libc::ECHOE;
+        cooked.c_cflag = libc::CS7 | libc::PARENB | libc::CREAD;
+        let raw = raw_modes(&cooked);
+        assert_eq!(raw.c_iflag, libc::IUTF8);
+        assert_eq!(raw.c_oflag, libc::OPOST | libc::ONLCR, "output flags as they were");
+        assert_eq!(raw.c_lflag, libc::ECHOE);
+        assert_eq!(raw.c_cflag, libc::CS8 | libc::CREAD);
+        assert_eq!((raw.c_cc[libc::VMIN], raw.c_cc[libc::VTIME]), (1, 0));
+        cooked.c_oflag = 0;
+        assert_eq!(raw_modes(&cooked).c_oflag, libc::OPOST, "ONLCR not added");
+    }
+
+    /// Messages, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A console reading `input`'s peer; the kicks counted.
+    fn console_on(input: &UnixStream, escapes: bool) -> (Console, Arc<AtomicUsize>, Captured) {
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let counter = kicks.clone();
+        let messages = Captured::default();
+        let console = Console::spawn(
+            input.as_raw_fd(),
+            None,
+            escapes,
+            move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            },
+            Box::new(messages.clone()),
+        )
+        .unwrap();
+        (console, kicks, messages)
+    }
+
+    fn next(console: &Console) -> ConsoleEvent {
+        console.recv_timeout(Duration::from_secs(10)).expect("an event")
+    }
+
+    #[test]
+    fn without_a_terminal_input_is_passed_unchanged_until_eof() {
+        let (mut user, input) = UnixStream::pair().unwrap();
+        let (console, kicks, messages) = console_on(&input, false);
+        assert!(!console.is_terminal());
+        user.write_all(b"a\x01xb\x01").unwrap();
+        assert_eq!(next(&console), ConsoleEvent::Input(b"a\x01xb\x01".to_vec()));
+        user.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(next(&console), ConsoleEvent::Eof);
+        drop(console);
+        assert_eq!(kicks.load(Ordering::SeqCst), 2, "one kick per batch");
+        assert!(messages.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn escapes_print_on_messages_and_quit_ends_the_input() {
+        let (mut user, input) = UnixStream::pair().unwrap();
+        let (console, kicks, messages) = console_on(&input, true);
+        user.write_all(b"hi\x01hyo\x01").unwrap();
+        assert_eq!(next(&console), ConsoleEvent::Input(b"hi".to_vec()));
+        assert_eq!(next(&console), ConsoleEvent::Input(b"yo".to_vec()));
+        user.write_all(b"q\x01xafter").unwrap();
+        assert_eq!(next(&console), ConsoleEvent::Quit);
+        // The reader has stopped: nothing more, even with input waiting.
+        user.write_all(b"more").unwrap();
+        assert_eq!(console.recv_timeout(Duration::from_millis(50)), None);
+        drop(console);
+        assert_eq!(kicks.load(Ordering::SeqCst), 2);
+        let text = String::from_utf8(messages.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text, format!("{HELP}{}\r\n{QUIT_MESSAGE}\r\n", unknown_escape_message(b'q')));
+        // Unread input stays for whoever reads next.
+        let mut rest = [0u8; 16];
+        let mut input = input;
+        input.set_nonblocking(true).unwrap();
+        let len = input.read(&mut rest).unwrap();
+        assert_eq!(&rest[..len], b"more");
+    }
+
+    #[test]
+    fn drop_stops_an_idle_reader() {
+        let (_user, input) = UnixStream::pair().unwrap();
+        let (console, kicks, _) = console_on(&input, true);
+        assert_eq!(console.try_recv(), None);
+        let start = Instant::now();
+        drop(console);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(kicks.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn recv_timeout_waits_after_eof() {
+        let (user, input) = UnixStream::pair().unwrap();
+        let (console, _, _) = console_on(&input, false);
+        drop(user);
+        assert_eq!(next(&console), ConsoleEvent::Eof);
+        let start = Instant::now();
+        assert_eq!(console.recv_timeout(Duration::from_millis(50)), None);
+        assert!(start.elapsed() >= Duration::from_millis(50), "no busy loop once the input is over");
+    }
+
+    #[test]
+    fn raw_mode_on_a_pty_is_undone_on_drop() {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: both out-pointers are valid; name, settings and size are
+        // optional and null.
+        let r = unsafe { libc::openpty(&mut master, &mut slave, ptr::null_mut(), ptr::null(), ptr::null()) };
+        assert_eq!(r, 0, "openpty: {}", io::Error::last_os_error());
+        let before = get_modes(slave).unwrap();
+        let guard = RawModeGuard::enable(slave).unwrap();
+        let during = get_modes(slave).unwrap();
+        assert_eq!(during.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG), 0);
+        assert_eq!(during.c_iflag & libc::ICRNL, 0);
+        assert_eq!(during.c_oflag, before.c_oflag | libc::OPOST);
+        let second = RawModeGuard::enable(slave).err().expect("one raw-mode guard at a time");
+        assert_eq!(second.kind(), io::ErrorKind::AlreadyExists);
+        drop(guard);
+        let after = get_modes(slave).unwrap();
+        assert_eq!(
+            (after.c_iflag, after.c_oflag, after.c_lflag, after.c_cflag, after.c_cc),
+            (before.c_iflag, before.c_oflag, before.c_lflag, before.c_cflag, before.c_cc)
+        );
+        assert!(SAVED.load(Ordering::Acquire).is_null());
+        // SAFETY: both descriptors come from openpty and are closed once.
+        unsafe {
+            libc::close(slave);
+            libc::close(master);
+        }
+    }
+}
