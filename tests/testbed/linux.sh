@@ -30,7 +30,7 @@ guest() {
     cmd=$3
     shift 3
     status=0
-    rkvm run --dev "$dev" --mem 128M --kernel $KERNEL --initrd $INITRD \
+    timeout 600 rkvm run --dev "$dev" --mem 128M --kernel $KERNEL --initrd $INITRD \
         --append "$ARGS rkvm_cmd=\"$cmd\"" "$@" < /dev/null > "$out.out" 2> "$out.err" || status=$?
     echo "exit status $status" >> "$out.out"
 }
@@ -43,18 +43,18 @@ cpu_ticks() {
 # idle DEV OUT: a guest that sleeps 10 s; the tool's CPU use meanwhile, in
 # percent of one CPU, into OUT.idle.
 idle() {
-    rkvm run --dev "$1" --mem 128M --kernel $KERNEL --initrd $INITRD \
+    timeout 600 rkvm run --dev "$1" --mem 128M --kernel $KERNEL --initrd $INITRD \
         --append "$ARGS rkvm_cmd=\"echo idle-start; sleep 10; echo idle-end\"" < /dev/null > "$2.out" 2> "$2.err" &
     pid=$!
     i=0
     until grep -q idle-start "$2.out" 2>/dev/null; do
         i=$((i + 1))
-        [ $i -le 600 ] || { echo "no idle-start" > "$2.idle"; kill $pid; return; }
+        [ $i -le 3000 ] || { echo "no idle-start" > "$2.idle"; kill $pid; return; }
         sleep 0.1
     done
     t0=$(cut -d' ' -f1 /proc/uptime)
     c0=$(cpu_ticks $pid)
-    until grep -q idle-end "$2.out" 2>/dev/null; do
+    until grep -q idle-end "$2.out" 2>/dev/null || ! kill -0 $pid 2>/dev/null; do
         sleep 0.1
     done
     t1=$(cut -d' ' -f1 /proc/uptime)
@@ -79,6 +79,20 @@ runs_on() {
         --disk "/tmp/$tag-disk.img,ro"
     md5sum "/tmp/$tag-disk.img" | cut -d' ' -f1 > "/tmp/$tag-disk-after.md5"
     guest "$dev" "/tmp/$tag-reboot" "echo rebooting; reboot -f"
+    # Without rkvm_cmd the guest starts a shell on its console: piped stdin
+    # (no terminal) types into it through COM1's receive interrupt, once
+    # the shell says it is there (bytes typed earlier go to whoever reads
+    # the terminal then, as on any serial console).
+    : > "/tmp/$tag-stdin.out"
+    {
+        i=0
+        until grep -q 'shell on the console' "/tmp/$tag-stdin.out" || [ $i -ge 600 ]; do
+            sleep 0.5
+            i=$((i + 1))
+        done
+        printf 'echo typed-into-the-guest-$((6 * 7))\npoweroff -f\n'
+    } | timeout 600 rkvm run --dev "$dev" --mem 128M --kernel $KERNEL --initrd $INITRD --append "$ARGS" \
+        > "/tmp/$tag-stdin.out" 2> "/tmp/$tag-stdin.err" || echo "exit status $?" >> "/tmp/$tag-stdin.out"
     idle "$dev" "/tmp/$tag-idle"
 }
 
@@ -142,6 +156,13 @@ a_reboot_ends_the_run() {
     done
 }
 
+stdin_types_into_the_guest_shell() {
+    for tag in rkvm kvm; do
+        grep -q 'typed-into-the-guest-42' /tmp/$tag-stdin.out || { cat /tmp/$tag-stdin.out /tmp/$tag-stdin.err; return 1; }
+        ! grep -q '^exit status' /tmp/$tag-stdin.out
+    done
+}
+
 an_idle_guest_costs_little_cpu() {
     cat /tmp/rkvm-idle.idle /tmp/kvm-idle.idle
     awk '{ exit !($1 < 5) }' /tmp/rkvm-idle.idle
@@ -170,6 +191,7 @@ check "--stats shows exits by reason and accesses by device" stats_show_exits_by
 check "a file written to a virtio-blk disk by one VM is read by the next" a_disk_keeps_what_a_vm_wrote
 check "a read-only disk refuses writes and the image is unchanged" a_read_only_disk_refuses_writes
 check "a guest reboot (i8042 reset) ends the run cleanly" a_reboot_ends_the_run
+check "piped stdin types into the guest's shell (serial receive interrupts)" stdin_types_into_the_guest_shell
 check "an idle guest uses under 5% of a host CPU" an_idle_guest_costs_little_cpu
 check "bad input: truncated bzImage, missing initrd, unopenable disk, bad disk option" bad_input_is_refused
 unload_all

@@ -121,13 +121,17 @@ impl Platform {
         self.pit.borrow().next_irq_deadline().map(|d: Duration| self.start + d)
     }
 
-    /// Feeds console input into COM1's receive FIFO; what does not fit
-    /// stays in `pending` for later.
+    /// Feeds console input into COM1's receive FIFO once the guest listens;
+    /// what does not fit stays in `pending` for later.
     pub fn feed_serial(&self, pending: &mut Vec<u8>) {
         if pending.is_empty() {
             return;
         }
-        let taken = self.serial.borrow_mut().receive(pending);
+        let mut serial = self.serial.borrow_mut();
+        if !serial.listening() {
+            return;
+        }
+        let taken = serial.receive(pending);
         pending.drain(..taken);
     }
 }

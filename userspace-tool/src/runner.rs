@@ -133,7 +133,9 @@ fn handle_console(event: ConsoleEvent, input: &mut Vec<u8>, done: &mut bool) -> 
 /// timer deadline or console input, without spinning. True if the console
 /// asked to quit meanwhile.
 fn park(platform: &Platform, console: Option<&Console>, input: &mut Vec<u8>, input_done: &mut bool) -> bool {
-    if platform.pic.borrow().has_pending() || !input.is_empty() {
+    // Input still pending waits for the guest to listen or read: it does not
+    // keep a halted guest awake.
+    if platform.pic.borrow().has_pending() {
         return false;
     }
     let wait = platform.next_deadline().map_or(MAX_PARK, |d| d.saturating_duration_since(Instant::now()).min(MAX_PARK));

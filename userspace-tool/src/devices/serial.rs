@@ -66,6 +66,18 @@ impl<W: Write, L: Line> SerialPort<W, L> {
         Self { uart: Serial::new(LineTrigger(line), out) }
     }
 
+    /// Whether the guest listens for input: "received data available"
+    /// interrupts enabled in IER. A driver turns that on when the port is
+    /// opened; bytes sent before would be lost to its FIFO resets, so they
+    /// wait until then. (LCR and IER reads have no side effects.)
+    pub fn listening(&mut self) -> bool {
+        const LCR: u8 = 3;
+        const IER: u8 = 1;
+        const DLAB: u8 = 1 << 7;
+        const IER_RDA: u8 = 1 << 0;
+        self.uart.read(LCR) & DLAB == 0 && self.uart.read(IER) & IER_RDA != 0
+    }
+
     /// Puts as much of `input` as the receive FIFO takes (it holds 64
     /// bytes); returns how many bytes it took. The rest waits for the guest
     /// to read.
@@ -138,7 +150,9 @@ mod tests {
     fn received_bytes_raise_the_line_when_enabled_and_are_read_in_order() {
         let pulses = std::rc::Rc::new(std::cell::Cell::new(0));
         let mut port = SerialPort::with_line(Vec::new(), Counter(pulses.clone()));
+        assert!(!port.listening());
         port.write(1, &[0x01]); // IER: received data available
+        assert!(port.listening());
         assert_eq!(port.receive(b"ok"), 2);
         assert!(pulses.get() >= 1, "IRQ raised");
         let mut b = [0u8];
