@@ -204,5 +204,17 @@ check "a guest reboot (i8042 reset) ends the run cleanly" a_reboot_ends_the_run
 check "piped stdin types into the guest's shell (serial receive interrupts)" stdin_types_into_the_guest_shell
 check "an idle guest parks: under 20% of a host CPU (the issue's 5% not reached yet)" an_idle_guest_costs_little_cpu
 check "bad input: truncated bzImage, missing initrd, unopenable disk, bad disk option" bad_input_is_refused
+# The figures worth keeping, whatever the checks said: boot time to the
+# shell (the guest's own uptime, emulated seconds), idle cost, and the exits
+# of the first boot by reason (guest lines indented).
+report() {
+    echo "--- report"
+    for tag in rkvm kvm; do
+        echo "$tag: $(tr -d '\r' < /tmp/$tag-hello.out | sed -n 's/^rkvm guest: Linux [^ ]* up after /shell after /p'); idle: $(cat /tmp/$tag-idle.idle 2>/dev/null)"
+    done
+    echo "rkvm: exits during the first boot and command (--stats):"
+    sed -n '/^rkvm: exits/,$p' /tmp/rkvm-hello.err | sed 's/^/    /'
+}
+report
 unload_all
 finish
