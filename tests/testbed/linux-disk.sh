@@ -1,0 +1,41 @@
+#!/bin/sh
+# A file written to a virtio-blk disk by one Linux guest is read by the
+# next, under rkvm and under KVM. Not run by tests/run yet: under rkvm the
+# first guest's mke2fs sometimes stops making progress (its writes hang
+# until the 600 s timeout; seen in 2 of 4 runs, never yet under KVM). Run it
+# with `qemu-testbed/run --timeout 2000 -- /tests/linux-disk.sh`.
+. /tests/lib.sh
+
+KERNEL=/guest/bzImage
+INITRD=/guest/initrd.cpio
+ARGS="console=ttyS0 quiet io_delay=none"
+
+guest() {
+    dev=$1
+    out=$2
+    cmd=$3
+    shift 3
+    status=0
+    timeout 600 rkvm run --dev "$dev" --mem 128M --kernel $KERNEL --initrd $INITRD \
+        --append "$ARGS rkvm_cmd=\"$cmd\"" "$@" < /dev/null > "$out.out" 2> "$out.err" || status=$?
+    echo "exit status $status" >> "$out.out"
+}
+
+write_then_read() {
+    rmmod rkvm 2>/dev/null || true
+    rmmod kvm_intel 2>/dev/null || true
+    modprobe "$1"
+    dd if=/dev/zero of="/tmp/$3-disk.img" bs=1M count=8 2>/dev/null
+    guest "$2" "/tmp/$3-disk-write" \
+        "mke2fs -q /dev/vda && mount /dev/vda /mnt && echo rkvm-disk-test-4711 > /mnt/file && umount /mnt && echo written" \
+        --disk "/tmp/$3-disk.img"
+    guest "$2" "/tmp/$3-disk-read" "mount -o ro /dev/vda /mnt && cat /mnt/file" --disk "/tmp/$3-disk.img,ro"
+    tr -d '\r' < "/tmp/$3-disk-write.out" | tail -5
+    grep -q '^written' "/tmp/$3-disk-write.out"
+    tr -d '\r' < "/tmp/$3-disk-read.out" | tail -5
+    grep -q '^rkvm-disk-test-4711' "/tmp/$3-disk-read.out"
+}
+
+check "rkvm: a file written to a virtio-blk disk by one VM is read by the next" write_then_read rkvm /dev/rkvm rkvm
+check "KVM: the same" write_then_read kvm_intel /dev/kvm kvm
+finish
