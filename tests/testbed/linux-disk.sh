@@ -6,25 +6,10 @@
 # with `qemu-testbed/run --timeout 2000 -- /tests/linux-disk.sh`.
 . /tests/lib.sh
 
-KERNEL=/guest/bzImage
-INITRD=/guest/initrd.cpio
-ARGS="console=ttyS0 quiet io_delay=none"
-
-guest() {
-    dev=$1
-    out=$2
-    cmd=$3
-    shift 3
-    status=0
-    timeout 600 rkvm run --dev "$dev" --mem 128M --kernel $KERNEL --initrd $INITRD \
-        --append "$ARGS rkvm_cmd=\"$cmd\"" "$@" < /dev/null > "$out.out" 2> "$out.err" || status=$?
-    echo "exit status $status" >> "$out.out"
-}
+. /tests/linux-lib.sh
 
 write_then_read() {
-    rmmod rkvm 2>/dev/null || true
-    rmmod kvm_intel 2>/dev/null || true
-    modprobe "$1"
+    use "$1"
     dd if=/dev/zero of="/tmp/$3-disk.img" bs=1M count=8 2>/dev/null
     guest "$2" "/tmp/$3-disk-write" \
         "mke2fs -q /dev/vda && mount /dev/vda /mnt && echo rkvm-disk-test-4711 > /mnt/file && umount /mnt && echo written" \
