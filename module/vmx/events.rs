@@ -81,12 +81,13 @@ pub(crate) fn reinject_vectored_event(vmcs: &mut LoadedVmcs<'_>) -> Result {
     vmcs.write(control::VMENTRY_INSTRUCTION_LEN, len)
 }
 
-fn set_exiting(vmcs: &mut LoadedVmcs<'_>, bit: PrimaryControls, on: bool) -> Result {
-    let bit = u64::from(bit.bits());
+/// Sets the window-exiting controls in `mask` to `wanted` (bits outside the
+/// mask untouched): one VMREAD, and a VMWRITE only on change, per entry.
+fn set_window_exiting(vmcs: &mut LoadedVmcs<'_>, mask: PrimaryControls, wanted: PrimaryControls) -> Result {
     let current = vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
-    let wanted = if on { current | bit } else { current & !bit };
-    if wanted != current {
-        vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, wanted)?;
+    let value = (current & !u64::from(mask.bits())) | u64::from(wanted.bits());
+    if value != current {
+        vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, value)?;
     }
     Ok(())
 }
@@ -108,10 +109,18 @@ pub(crate) fn prepare_entry(vmcs: &mut LoadedVmcs<'_>, e: &mut EventState, reque
             e.pending_irq = None;
         }
     }
-    if virtual_nmis {
-        set_exiting(vmcs, PrimaryControls::NMI_WINDOW_EXITING, e.nmi_pending)?;
+    let mut mask = PrimaryControls::INTERRUPT_WINDOW_EXITING;
+    let mut wanted = PrimaryControls::empty();
+    if e.pending_irq.is_some() || request_window {
+        wanted |= PrimaryControls::INTERRUPT_WINDOW_EXITING;
     }
-    set_exiting(vmcs, PrimaryControls::INTERRUPT_WINDOW_EXITING, e.pending_irq.is_some() || request_window)
+    if virtual_nmis {
+        mask |= PrimaryControls::NMI_WINDOW_EXITING;
+        if e.nmi_pending {
+            wanted |= PrimaryControls::NMI_WINDOW_EXITING;
+        }
+    }
+    set_window_exiting(vmcs, mask, wanted)
 }
 
 /// `kvm_run.if_flag` and `ready_for_interrupt_injection` for the VMM.
