@@ -75,14 +75,28 @@ impl Vcpu {
     pub(crate) fn run(&self) -> Result<isize> {
         let mut state = self.state.lock();
         let run = run_struct(self);
+        let result = self.run_locked(&mut state, run);
+        // Where the guest stands, on every way out (an interrupted run
+        // included, as KVM's post_kvm_run_save): the VMM decides on its
+        // next KVM_INTERRUPT from these.
+        let g = &state.g;
+        // SAFETY: our run page; the VMM only reads these.
+        unsafe {
+            (*run).if_flag = u8::from(g.regs.rflags & (1 << 9) != 0);
+            (*run).ready_for_interrupt_injection = g.events.ready_for_interrupt(g.regs.rflags).into();
+        }
+        result
+    }
+
+    fn run_locked(&self, state: &mut VcpuState, run: *mut kvm_run) -> Result<isize> {
         // SAFETY: the run page is ours and mapped into the VMM, which may
         // write it at any time: fields are read once, as untrusted values.
         let immediate_exit = unsafe { core::ptr::read_volatile(&(*run).immediate_exit) };
         // SAFETY: as above.
         let request_window = unsafe { core::ptr::read_volatile(&(*run).request_interrupt_window) } != 0;
-        exit::io::complete_pending_in(self, &mut state);
-        exit::slow::complete_string_in(self, &mut state)?;
-        exit::slow::complete_mmio_load(self, &mut state);
+        exit::io::complete_pending_in(self, state);
+        exit::slow::complete_string_in(self, state)?;
+        exit::slow::complete_mmio_load(self, state);
         // The instruction the VMM completed (port I/O, MMIO) was a step:
         // report it before the guest runs on.
         if report_step_between_runs(run, &mut state.g) {
@@ -100,11 +114,11 @@ impl Vcpu {
                 self.exit_stats.signal_exit();
                 return Err(EINTR);
             }
-            match self.run_on_this_cpu(&mut state, request_window)? {
+            match self.run_on_this_cpu(state, request_window)? {
                 Stop::ToUser => return Ok(0),
                 Stop::Yield => glue::cond_resched(),
                 Stop::Slow(slow) => {
-                    if exit::slow::handle(self, &mut state, slow)? {
+                    if exit::slow::handle(self, state, slow)? {
                         return Ok(0);
                     }
                     // An emulated instruction (REP with RCX = 0) was a step.
@@ -145,15 +159,7 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            let stop = self.inner_loop(&mut loaded, g, &fpu, request_window, &cpu)?;
-            let (if_flag, ready) = crate::vmx::events::status(&loaded, &g.events);
-            let run = run_struct(self);
-            // SAFETY: our run page.
-            unsafe {
-                (*run).if_flag = if_flag.into();
-                (*run).ready_for_interrupt_injection = ready.into();
-            }
-            Ok(stop)
+            self.inner_loop(&mut loaded, g, &fpu, request_window, &cpu)
         })();
         // Save what the guest changed, whatever happened.
         g.regs = gs::read_regs(&loaded, &g.gprs);

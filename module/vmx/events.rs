@@ -123,8 +123,3 @@ pub(crate) fn prepare_entry(vmcs: &mut LoadedVmcs<'_>, e: &mut EventState, reque
     set_window_exiting(vmcs, mask, wanted)
 }
 
-/// `kvm_run.if_flag` and `ready_for_interrupt_injection` for the VMM.
-pub(crate) fn status(vmcs: &LoadedVmcs<'_>, e: &EventState) -> (bool, bool) {
-    let if_flag = vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0;
-    (if_flag, e.pending_irq.is_none() && !entry_event_pending(vmcs) && interruptible(vmcs))
-}

@@ -93,7 +93,25 @@ pub enum InvalidEvents {
     Smm,
 }
 
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+
 impl EventState {
+    /// `kvm_run.ready_for_interrupt_injection` for a guest with `rflags`:
+    /// KVM_INTERRUPT may queue a vector now, because none is queued, no
+    /// event rides on the next entry and the guest takes interrupts (IF set,
+    /// no STI or MOV SS shadow: SDM Vol. 3C, 26.3.1.5). KVM reports it on
+    /// every return from KVM_RUN, an interrupted one included
+    /// (`post_kvm_run_save`); a VMM that saw a stale 1 would acknowledge a
+    /// second interrupt at its PIC and replace the queued one, which would
+    /// then never be delivered nor end.
+    pub fn ready_for_interrupt(&self, rflags: u64) -> bool {
+        self.pending_irq.is_none()
+            && !InterruptionInfo(self.entry_info).valid()
+            && rflags & RFLAGS_IF != 0
+            && self.interruptibility & (BLOCKING_STI | BLOCKING_MOV_SS) == 0
+    }
+
     /// KVM_GET_VCPU_EVENTS.
     pub fn to_kvm(&self) -> VcpuEvents {
         let info = InterruptionInfo(self.entry_info);
@@ -233,6 +251,20 @@ mod tests {
         assert_eq!(s.pending_irq, Some(0x21));
         let back = s.to_kvm();
         assert_eq!(back, VcpuEvents { flags: flags::NMI_PENDING | flags::SHADOW | flags::SMM, ..e });
+    }
+
+    #[test]
+    fn ready_for_an_interrupt_only_with_nothing_queued_and_if_set_outside_a_shadow() {
+        let idle = EventState::default();
+        assert!(idle.ready_for_interrupt(RFLAGS_IF | 2));
+        assert!(!idle.ready_for_interrupt(2), "IF clear");
+        assert!(!EventState { pending_irq: Some(0x20), ..idle }.ready_for_interrupt(RFLAGS_IF), "one queued");
+        let injecting = EventState { entry_info: InterruptionInfo::new(0x21, 0, false).0, ..idle };
+        assert!(!injecting.ready_for_interrupt(RFLAGS_IF), "an event rides on the next entry");
+        for shadow in [BLOCKING_STI, BLOCKING_MOV_SS] {
+            assert!(!EventState { interruptibility: shadow, ..idle }.ready_for_interrupt(RFLAGS_IF));
+        }
+        assert!(EventState { interruptibility: BLOCKING_NMI, ..idle }.ready_for_interrupt(RFLAGS_IF));
     }
 
     #[test]

@@ -320,6 +320,17 @@ fn interrupt_checks(c: &mut Checks, kvm: &Kvm) {
     c.check("KVM_INTERRUPT of vector 0x20 replaces it (no in-kernel irqchip)", r.is_ok(), format!("{r:?}"));
     let r = kvm_interrupt(&g.vcpu, 256);
     c.check("KVM_INTERRUPT of vector 256 fails with EINVAL", r == Err(libc::EINVAL), format!("{r:?}"));
+    // A run cut short before entry (immediate_exit, as a VMM's timer kick
+    // does) still reports where the guest stands: with a vector queued the
+    // VMM must not acknowledge another at its PIC.
+    g.vcpu.set_kvm_immediate_exit(1);
+    let r = g.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+    g.vcpu.set_kvm_immediate_exit(0);
+    c.check("KVM_RUN with immediate_exit set fails with EINTR", r == Err(libc::EINTR), format!("{r:?}"));
+    let run = g.vcpu.get_kvm_run();
+    let (if_flag, ready) = (run.if_flag, run.ready_for_interrupt_injection);
+    c.check("after it, kvm_run says IF is set but no interrupt can be injected (one is queued)",
+            if_flag == 1 && ready == 0, format!("if_flag {if_flag} ready {ready}"));
     let second = g.run();
     c.check("the interrupt runs the guest's handler (OUT 0x99 of 'I')", second == reported(b'I'), second);
     let third = g.run();
