@@ -188,7 +188,8 @@ fn cpuid(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
     let (function, index) = (ctx.g.gprs.0[0] as u32, ctx.g.gprs.0[1] as u32);
     let mut result = rkvm_core::cpuid::lookup(&ctx.g.cpuid, function, index);
     let osxsave = crate::vmx::guest_state::guest_cr4(ctx.vmcs) & x86::controlregs::Cr4::CR4_ENABLE_OS_XSAVE.bits() as u64 != 0;
-    rkvm_core::cpuid::runtime(function, index, &mut result, osxsave, ctx.g.xcr0);
+    let apic_enabled = ctx.g.msrs.apic_base & rkvm_core::guest_msr::APIC_BASE_ENABLE != 0;
+    rkvm_core::cpuid::runtime(function, index, &mut result, osxsave, ctx.g.xcr0, apic_enabled);
     let [eax, ebx, ecx, edx] = result;
     // GuestRegs order: RAX, RCX, RDX, RBX.
     ctx.g.gprs.0[0] = eax.into();

@@ -47,14 +47,18 @@ const LEAF7_EBX_AVX2: u32 = 1 << 5;
 /// CPUID.(0DH,1):EAX offered: XSAVEOPT, XSAVEC, XGETBV with ECX=1. Not
 /// XSAVES: it needs IA32_XSS, which is not virtualized.
 const XSAVE_LEAF1_EAX: u32 = 0b111;
+/// On-chip APIC (CPUID.1:EDX[9]).
+const LEAF1_EDX_APIC: u32 = 1 << 9;
 /// Hypervisor present (CPUID.1:ECX[31]).
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX bits offered: FPU, VME, DE, PSE, TSC, MSR, PAE, CX8, SEP,
-/// MTRR, PGE, CMOV, PAT, PSE36, CLFSH, MMX, FXSR, SSE, SSE2. Not offered:
-/// MCE, MCA (no machine-check MSRs), APIC (no local APIC yet), DS, ACPI,
-/// SS, HTT, TM, PBE.
+/// Leaf 1 EDX bits offered: FPU, VME, DE, PSE, TSC, MSR, PAE, CX8, APIC,
+/// SEP, MTRR, PGE, CMOV, PAT, PSE36, CLFSH, MMX, FXSR, SSE, SSE2. The APIC
+/// is the VMM's to emulate (its page is MMIO, its interrupts come through
+/// KVM_INTERRUPT), as with KVM without an in-kernel irqchip, which offers the
+/// bit too. Not offered: MCE, MCA (no machine-check MSRs), DS, ACPI, SS,
+/// HTT, TM, PBE.
 const LEAF1_EDX: u32 = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6)
-    | (1 << 8) | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 19)
+    | (1 << 8) | LEAF1_EDX_APIC | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 19)
     | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26);
 /// Leaf 7.0 EBX bits offered: FSGSBASE, TSC_ADJUST, BMI1, SMEP, BMI2, ERMS,
 /// SMAP, ADX, CLFLUSHOPT.
@@ -123,14 +127,19 @@ pub fn supported(function: u32, index: u32, r: [u32; 4], xsave: bool) -> Entry {
 
 /// The parts of a CPUID result that follow the vCPU's state rather than the
 /// table, as KVM's `kvm_update_cpuid_runtime`: CPUID.1:ECX.OSXSAVE mirrors
-/// CR4.OSXSAVE (when the table offers XSAVE), and CPUID.(0DH,0):EBX is the
-/// XSAVE area size for the current XCR0 (SDM Vol. 1, 13.2).
-pub fn runtime(function: u32, index: u32, r: &mut [u32; 4], cr4_osxsave: bool, xcr0: u64) {
+/// CR4.OSXSAVE (when the table offers XSAVE), CPUID.1:EDX.APIC is clear
+/// while IA32_APIC_BASE.EN is (SDM Vol. 3A, 11.4.3: a globally disabled
+/// APIC is not reported), and CPUID.(0DH,0):EBX is the XSAVE area size for
+/// the current XCR0 (SDM Vol. 1, 13.2).
+pub fn runtime(function: u32, index: u32, r: &mut [u32; 4], cr4_osxsave: bool, xcr0: u64, apic_enabled: bool) {
     match (function, index) {
         (1, _) => {
             r[2] &= !LEAF1_ECX_OSXSAVE;
             if cr4_osxsave && r[2] & LEAF1_ECX_XSAVE != 0 {
                 r[2] |= LEAF1_ECX_OSXSAVE;
+            }
+            if !apic_enabled {
+                r[3] &= !LEAF1_EDX_APIC;
             }
         }
         (0xd, 0) if r[0] != 0 => r[1] = crate::xsave::required_size(xcr0),
@@ -209,18 +218,28 @@ mod tests {
     #[test]
     fn osxsave_and_the_xsave_size_follow_the_vcpu() {
         let mut leaf1 = [0, 0, LEAF1_ECX_XSAVE, 0];
-        runtime(1, 0, &mut leaf1, true, 1);
+        runtime(1, 0, &mut leaf1, true, 1, true);
         assert_ne!(leaf1[2] & LEAF1_ECX_OSXSAVE, 0);
-        runtime(1, 0, &mut leaf1, false, 1);
+        runtime(1, 0, &mut leaf1, false, 1, true);
         assert_eq!(leaf1[2] & LEAF1_ECX_OSXSAVE, 0);
         let mut no_xsave = [0, 0, LEAF1_ECX_OSXSAVE, 0];
-        runtime(1, 0, &mut no_xsave, true, 1);
+        runtime(1, 0, &mut no_xsave, true, 1, true);
         assert_eq!(no_xsave[2], 0, "no OSXSAVE without XSAVE in the table");
         let mut d0 = [7, 0, 832, 0];
-        runtime(0xd, 0, &mut d0, true, 3);
+        runtime(0xd, 0, &mut d0, true, 3, true);
         assert_eq!(d0[1], 576);
-        runtime(0xd, 0, &mut d0, true, 7);
+        runtime(0xd, 0, &mut d0, true, 7, true);
         assert_eq!(d0[1], 832);
+    }
+
+    #[test]
+    fn the_apic_bit_is_offered_and_follows_apic_base_enable() {
+        assert_ne!(supported(1, 0, [0, 0, 0, u32::MAX], false).edx & LEAF1_EDX_APIC, 0);
+        let mut leaf1 = [0, 0, 0, LEAF1_EDX_APIC | 1];
+        runtime(1, 0, &mut leaf1, false, 1, true);
+        assert_eq!(leaf1[3], LEAF1_EDX_APIC | 1);
+        runtime(1, 0, &mut leaf1, false, 1, false);
+        assert_eq!(leaf1[3], 1, "a globally disabled APIC is not reported");
     }
 
     #[test]

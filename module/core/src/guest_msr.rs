@@ -111,6 +111,10 @@ impl MsrFeatures {
     }
 }
 
+/// IA32_APIC_BASE bit 11: the APIC is globally enabled (SDM Vol. 3A,
+/// 11.4.4).
+pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+
 /// Whether `value` is a valid IA32_APIC_BASE: no reserved bit, and the
 /// base within the physical-address width.
 pub fn valid_apic_base(value: u64, f: &MsrFeatures) -> bool {
