@@ -1,9 +1,9 @@
 #!/bin/sh
 # A file written to a virtio-blk disk by one Linux guest is read by the
-# next, under rkvm and under KVM. Not run by tests/run yet: under rkvm the
-# first guest's mke2fs sometimes stops making progress (its writes hang
-# until the 600 s timeout; seen in 2 of 4 runs, never yet under KVM). Run it
-# with `qemu-testbed/run --timeout 2000 -- /tests/linux-disk.sh`.
+# next, under rkvm and under KVM. (It once hung under rkvm: a KVM_RUN cut
+# short by the timer kick reported a stale ready_for_interrupt_injection, and
+# the tool's second KVM_INTERRUPT replaced the disk's, which then stayed in
+# service at the PIC forever.)
 . /tests/lib.sh
 
 . /tests/linux-lib.sh

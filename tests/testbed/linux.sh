@@ -92,9 +92,11 @@ boots_to_a_shell_and_runs_a_command() {
     done
 }
 
-interrupts_come_from_the_tool_s_pic() {
+# The timer is the tool's local APIC (LOC counts its interrupts); the serial
+# port's interrupts come through the tool's 8259A, by the APIC's LINT0.
+interrupts_come_from_the_tool_s_apic_and_pic() {
     for tag in rkvm kvm; do
-        grep -q 'XT-PIC *timer' /tmp/$tag-hello.out
+        tr -d '\r' < /tmp/$tag-hello.out | awk '$1 == "LOC:" && $2 > 0 { found = 1 } END { exit !found }'
         grep -q 'XT-PIC *ttyS0' /tmp/$tag-hello.out
     done
 }
@@ -158,7 +160,7 @@ bad_input_is_refused() {
 check "Linux under rkvm" on_rkvm
 check "Linux under KVM (no in-kernel irqchip), the oracle" on_kvm
 check "the test kernel boots to its shell, runs a command and powers off (exit 0) on both" boots_to_a_shell_and_runs_a_command
-check "timer and serial interrupts come through the tool's 8259 PIC" interrupts_come_from_the_tool_s_pic
+check "timer interrupts come from the tool's local APIC, serial ones through its 8259 PIC" interrupts_come_from_the_tool_s_apic_and_pic
 check "--stats shows exits by reason and accesses by device" stats_show_exits_by_reason
 check "a read-only disk refuses writes and the image is unchanged" a_read_only_disk_refuses_writes
 check "a guest reboot (i8042 reset) ends the run cleanly" a_reboot_ends_the_run

@@ -18,6 +18,7 @@ mod kvm;
 mod layout;
 mod linux;
 mod loader;
+mod mptable;
 mod multiboot;
 mod platform;
 mod runner;

@@ -12,8 +12,14 @@
 //! port 0x510-0x511         fw_cfg
 //! port 0xcf8-0xcff         PCI configuration, no devices
 //! mmio 0xd000_0000         virtio-blk over virtio-mmio (IRQ 5), with --disk
-//! mmio 0xfee0_0000         xAPIC register page (not an interrupt source)
+//! mmio 0xfee0_0000         local APIC (xAPIC), for Linux guests: its timer,
+//!                          and the PIC's interrupts through LINT0 (ExtINT)
 //! ```
+//! Interrupts reach the vCPU as a PC's do: the APIC's own (timer, self-IPI)
+//! by priority, and the 8259A's through LINT0 while it is unmasked in ExtINT
+//! mode ("virtual wire"), which is how the tool's APIC starts, as firmware
+//! would leave it. Guests that are not told of the APIC (its CPUID bit
+//! clear) take the PIC's interrupts directly.
 //! Everything here runs on the vCPU thread; devices share state through
 //! `Rc<RefCell<..>>`, and a `RefCell` is never held across a bus access.
 
@@ -26,7 +32,7 @@ use anyhow::Result;
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::{MmioBus, PortBus};
-use crate::devices::apic::{LocalApic, APIC_BASE, APIC_LEN};
+use crate::devices::apic::{LocalApic, SharedApic, APIC_BASE, APIC_LEN};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_BASE, DEBUG_EXIT_LEN};
 use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
 use crate::devices::i8042::{I8042Port, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_LEN};
@@ -52,8 +58,12 @@ const PIT_IRQ: u8 = 0;
 pub struct Platform {
     pub pio: PortBus,
     pub mmio: MmioBus,
-    pub pic: Rc<RefCell<Pic>>,
+    pic: Rc<RefCell<Pic>>,
     pit: SharedPit,
+    apic: Rc<RefCell<LocalApic>>,
+    /// Whether the guest was told of the APIC (and so takes interrupts
+    /// through it).
+    apic_enabled: bool,
     serial: Rc<RefCell<SerialPort<Stdout, IrqLine>>>,
     /// Set by the i8042's reset line: the guest rebooted.
     pub reset: Rc<Cell<bool>>,
@@ -65,11 +75,16 @@ pub struct Platform {
 
 impl Platform {
     /// Every device on its bus; with `disk`, virtio-blk too (it reaches guest
-    /// RAM through `mem`).
-    pub fn new(mem: &GuestMemoryMmap, mem_size: u64, disk: Option<VirtioBlk>) -> Result<Self> {
+    /// RAM through `mem`). With `apic_timer_hz` the guest was told of the
+    /// local APIC, whose timer counts at that rate (before its divider).
+    pub fn new(mem: &GuestMemoryMmap, mem_size: u64, disk: Option<VirtioBlk>, apic_timer_hz: Option<u64>) -> Result<Self> {
         let start = Instant::now();
         let pic = Rc::new(RefCell::new(Pic::new()));
         let pit = Rc::new(RefCell::new(Pit::new(move || start.elapsed())));
+        let apic = Rc::new(RefCell::new(match apic_timer_hz {
+            Some(hz) => LocalApic::new(move || start.elapsed(), hz).with_virtual_wire(),
+            None => LocalApic::default(),
+        }));
         let reset = Rc::new(Cell::new(false));
         let exit_status = Rc::new(Cell::new(None));
         let serial =
@@ -95,13 +110,14 @@ impl Platform {
         pio.insert(PCI_CONFIG_BASE, PCI_CONFIG_LEN, "pci", Box::new(PciConfig::default()));
 
         let mut mmio = MmioBus::default();
-        mmio.insert(APIC_BASE, APIC_LEN, "apic", Box::new(LocalApic::default()));
+        mmio.insert(APIC_BASE, APIC_LEN, "apic", Box::new(SharedApic(apic.clone())));
         if let Some(disk) = disk {
             let line = IrqLine::new(pic.clone(), VIRTIO_BLK_IRQ);
             let device = VirtioMmio::new(disk, mem.clone(), Box::new(move || line.pulse()));
             mmio.insert(VIRTIO_BLK_BASE, VIRTIO_MMIO_LEN, "virtio-blk", Box::new(device));
         }
-        Ok(Self { pio, mmio, pic, pit, serial, reset, exit_status, start })
+        let apic_enabled = apic_timer_hz.is_some();
+        Ok(Self { pio, mmio, pic, pit, apic, apic_enabled, serial, reset, exit_status, start })
     }
 
     /// What the kernel command line must say for Linux to find the disk.
@@ -109,16 +125,53 @@ impl Platform {
         virtio_mmio::cmdline_device(VIRTIO_BLK_BASE, VIRTIO_BLK_IRQ.into())
     }
 
-    /// Raises IRQ 0 if the PIT's counter 0 fired since the last call.
+    /// Latches the timers that fired since the last call: the PIT's counter 0
+    /// raises IRQ 0, the APIC timer its vector.
     pub fn poll_timers(&self) {
         if self.pit.borrow_mut().poll() > 0 {
             self.pic.borrow_mut().pulse_irq(PIT_IRQ);
+        }
+        if self.apic_enabled {
+            self.apic.borrow_mut().poll();
         }
     }
 
     /// When the next timer interrupt falls due, if one will.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pit.borrow().next_irq_deadline().map(|d: Duration| self.start + d)
+        let pit = self.pit.borrow().next_irq_deadline();
+        let apic = if self.apic_enabled { self.apic.borrow().next_deadline() } else { None };
+        let next: Option<Duration> = match (pit, apic) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|d| self.start + d)
+    }
+
+    /// Whether the PIC's output reaches the CPU: always without an APIC,
+    /// else through LINT0 in ExtINT mode.
+    fn pic_connected(&self) -> bool {
+        !self.apic_enabled || self.apic.borrow().accepts_pic_interrupts()
+    }
+
+    /// Whether an interrupt is waiting for the CPU to take it.
+    pub fn interrupt_pending(&self) -> bool {
+        (self.apic_enabled && self.apic.borrow().pending_vector().is_some())
+            || (self.pic_connected() && self.pic.borrow().has_pending())
+    }
+
+    /// The CPU takes an interrupt (INTA) and gets its vector: the PIC's
+    /// (ExtINT) first, as KVM's kvm_cpu_get_interrupt, since it is outside
+    /// the APIC's priority scheme, then the APIC's by priority.
+    pub fn acknowledge_interrupt(&self) -> Option<u8> {
+        if self.pic_connected() {
+            if let Some(vector) = self.pic.borrow_mut().acknowledge() {
+                return Some(vector);
+            }
+        }
+        if self.apic_enabled {
+            return self.apic.borrow_mut().acknowledge();
+        }
+        None
     }
 
     /// Feeds console input into COM1's receive FIFO once the guest listens;

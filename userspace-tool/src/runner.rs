@@ -1,8 +1,8 @@
 //! The vCPU loop: KVM_RUN, then hand each exit to the devices, until the
 //! guest stops. Between runs it does what a PC's hardware would do
-//! meanwhile: timers fire, console input arrives in the UART, and the PIC's
-//! highest-priority request is injected with KVM_INTERRUPT when the guest can
-//! take it (`ready_for_interrupt_injection`), or an interrupt-window exit is
+//! meanwhile: timers fire, console input arrives in the UART, and the
+//! interrupt the APIC or the PIC has for the CPU is injected with
+//! KVM_INTERRUPT when the guest can take it (`ready_for_interrupt_injection`), or an interrupt-window exit is
 //! requested so that it can be injected as soon as it can (api.rst 4.10,
 //! 5 "The kvm_run structure"; no in-kernel irqchip, on rkvm as on KVM).
 //!
@@ -135,7 +135,7 @@ fn handle_console(event: ConsoleEvent, input: &mut Vec<u8>, done: &mut bool) -> 
 fn park(platform: &Platform, console: Option<&Console>, input: &mut Vec<u8>, input_done: &mut bool) -> bool {
     // Input still pending waits for the guest to listen or read: it does not
     // keep a halted guest awake.
-    if platform.pic.borrow().has_pending() {
+    if platform.interrupt_pending() {
         return false;
     }
     let wait = platform.next_deadline().map_or(MAX_PARK, |d| d.saturating_duration_since(Instant::now()).min(MAX_PARK));
@@ -148,17 +148,17 @@ fn park(platform: &Platform, console: Option<&Console>, input: &mut Vec<u8>, inp
     }
 }
 
-/// Injects the PIC's pending interrupt if the guest can take it now, else
+/// Injects the pending interrupt if the guest can take it now, else
 /// asks for an interrupt-window exit.
 fn inject_interrupt(vcpu: &mut VcpuFd, platform: &Platform) -> Result<()> {
-    let pending = platform.pic.borrow().has_pending();
+    let pending = platform.interrupt_pending();
     let run = vcpu.get_kvm_run();
     if !pending {
         run.request_interrupt_window = 0;
         return Ok(());
     }
     if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
-        let Some(vector) = platform.pic.borrow_mut().acknowledge() else { return Ok(()) };
+        let Some(vector) = platform.acknowledge_interrupt() else { return Ok(()) };
         run.request_interrupt_window = 0;
         let irq = kvm_bindings::kvm_interrupt { irq: vector.into() };
         // SAFETY: KVM_INTERRUPT reads a `struct kvm_interrupt` from the

@@ -15,7 +15,7 @@ use crate::devices::virtio_blk::VirtioBlk;
 use crate::platform::Platform;
 use crate::multiboot::{self, Boot};
 use crate::step::Stepper;
-use crate::{kvm, layout, linux, loader, runner, Mode};
+use crate::{kvm, layout, linux, loader, mptable, runner, Mode};
 
 /// RFLAGS bit 1 is reserved and always 1.
 const RFLAGS_FIXED: u64 = 1 << 1;
@@ -28,6 +28,10 @@ const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const CPUID1_EDX_APIC: u32 = 1 << 9;
 /// CPUID.1:ECX bit 31: running under a hypervisor.
 const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// IA32_APIC_BASE bit 8: this is the bootstrap processor; bit 11: APIC
+/// globally enabled.
+const APIC_BASE_BSP: u64 = 1 << 8;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
 /// Smallest guest RAM accepted: room for the real-mode IVT, BDA and a payload.
 const MIN_MEM: u64 = 64 << 10;
 const PAGE_SIZE: u64 = 4096;
@@ -152,8 +156,19 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
             Start::Flat(Mode::Protected, regs)
         }
         Prepared::Linux { kernel, initrd, cmdline } => {
-            let cmdline = if disk.is_some() { format!("{cmdline} {}", Platform::disk_cmdline()) } else { cmdline.to_string() };
+            // "noapic": this PC has a local APIC but no I/O APIC, and the
+            // 8259A's interrupts come through LINT0. Unless told so, a 64-bit
+            // Linux that finds an MP table sets LINT0 up masked, expecting an
+            // I/O APIC to carry the ISA interrupts (setup_local_APIC in
+            // arch/x86/kernel/apic/apic.c keeps ExtINT open only in PIC mode
+            // or with the I/O APIC disabled), and the console, the disk and
+            // the reset controller would never interrupt.
+            let mut cmdline = format!("noapic {cmdline}");
+            if disk.is_some() {
+                cmdline = format!("{cmdline} {}", Platform::disk_cmdline());
+            }
             let boot = linux::load(&mem, cfg.mem_size, kernel, initrd, cmdline.trim())?;
+            mptable::write(&mem)?;
             write_system_tables(&mem, Mode::Long)?;
             for (i, entry) in linux::gdt().iter().enumerate() {
                 mem.write_obj(*entry, GuestAddress(layout::GDT_ADDR + 8 * i as u64)).context("writing the GDT")?;
@@ -176,23 +191,15 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
     // before `vm`, so it is unmapped only after the VM is gone.
     unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION failed")?;
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU failed")?;
-    // The guest sees what the device supports (KVM refuses long mode to a
-    // vCPU whose CPUID lacks it), adjusted as QEMU does for a guest without
-    // nested virtualization: VMX hidden, the hypervisor bit set.
-    let mut cpuid = kvm
+    // Linux guests get the tool's local APIC (its timer is their clock-event
+    // device; the PIC's interrupts come through LINT0) and an MP table that
+    // tells Linux to use it. Other guests see no APIC and use the PICs.
+    let local_apic = matches!(cfg.guest, Guest::Linux { .. });
+    let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID failed")?;
-    for entry in cpuid.as_mut_slice() {
-        if entry.function == 1 {
-            entry.ecx = (entry.ecx & !CPUID1_ECX_VMX & !CPUID1_ECX_X2APIC & !CPUID1_ECX_TSC_DEADLINE) | CPUID1_ECX_HYPERVISOR;
-            // No local APIC: the tool's xAPIC page only keeps registers, so
-            // a guest must use the 8259A PICs (as with QEMU's -cpu ...,-apic).
-            entry.edx &= !CPUID1_EDX_APIC;
-        }
-    }
-    if let Ok(tsc_khz) = vcpu.get_tsc_khz() {
-        cpuid = with_tsc_leaf(&cpuid, tsc_khz)?;
-    }
+    let tsc_khz = vcpu.get_tsc_khz().ok();
+    let cpuid = guest_cpuid(supported.as_slice(), tsc_khz, local_apic)?;
     vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2 failed")?;
     match start {
         Start::Real(entry) => enter_real_mode(&vcpu, entry)?,
@@ -200,7 +207,9 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
         Start::Linux(boot) => enter_linux(&vcpu, &boot)?,
     }
 
-    let mut platform = Platform::new(&mem, cfg.mem_size, disk)?;
+    // The APIC timer counts the crystal clock leaf 15H announces.
+    let apic_timer_hz = local_apic.then(|| tsc_khz.map_or(1_000_000_000, |khz| u64::from(khz) * 1000));
+    let mut platform = Platform::new(&mem, cfg.mem_size, disk, apic_timer_hz)?;
     let mut stepper = Stepper::new(cfg.debug_step, &mem);
     stepper.start(&vcpu)?;
     let console = matches!(cfg.guest, Guest::Linux { .. });
@@ -235,26 +244,68 @@ fn print_stats(vcpu: &VcpuFd, platform: &Platform) {
     }
 }
 
-/// CPUID leaf 15H, "Time Stamp Counter and Nominal Core Crystal Clock"
-/// (SDM Vol. 2A, CPUID), saying the TSC runs at `tsc_khz` (a 1:1 ratio to a
-/// crystal of that frequency). Without it a Linux guest calibrates the TSC
-/// against the PIT, which needs port reads far faster than VM exits to the
-/// VMM are (under an emulator it fails and Linux falls back to jiffies,
-/// with a periodic tick: an idle guest never stops waking up).
-fn with_tsc_leaf(cpuid: &kvm_bindings::CpuId, tsc_khz: u32) -> Result<kvm_bindings::CpuId> {
-    const TSC_LEAF: u32 = 0x15;
-    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> =
-        cpuid.as_slice().iter().filter(|e| e.function != TSC_LEAF).copied().collect();
-    for e in entries.iter_mut().filter(|e| e.function == 0) {
-        e.eax = e.eax.max(TSC_LEAF);
+/// CPUID.06H:EAX bit 2: ARAT, the APIC timer runs in every C-state.
+const CPUID6_EAX_ARAT: u32 = 1 << 2;
+/// CPUID leaf 15H, "Time Stamp Counter and Nominal Core Crystal Clock".
+const TSC_LEAF: u32 = 0x15;
+
+/// The guest's CPUID: what the device supports, adjusted as QEMU does for a
+/// guest without nested virtualization (VMX hidden, the hypervisor bit set;
+/// KVM refuses long mode to a vCPU whose CPUID lacks it, so nothing is made
+/// up from scratch). x2APIC and the TSC-deadline timer are hidden: the
+/// tool's APIC is an xAPIC with a count-down timer.
+///
+/// - With `local_apic`, the APIC bit stays and ARAT is set: the tool's APIC
+///   timer never stops, and without ARAT Linux rates it below the PIT
+///   (apic.c, setup_APIC_timer) and keeps waking every 27 ms, the PIT's
+///   longest one-shot. Without it the APIC bit is cleared and a guest uses
+///   the 8259A PICs (as with QEMU's `-cpu ...,-apic`).
+/// - With `tsc_khz`, leaf 15H says the TSC runs at that frequency, from a
+///   crystal of that frequency (1:1), which is also the APIC timer's input
+///   clock (SDM Vol. 3A, 11.5.4). Without it a Linux guest calibrates the
+///   TSC and the APIC timer against the PIT, which needs port reads far
+///   faster than VM exits to the VMM are (under an emulator it fails and
+///   Linux falls back to jiffies, with a periodic tick).
+fn guest_cpuid(
+    supported: &[kvm_bindings::kvm_cpuid_entry2],
+    tsc_khz: Option<u32>,
+    local_apic: bool,
+) -> Result<kvm_bindings::CpuId> {
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = supported
+        .iter()
+        .filter(|e| !(tsc_khz.is_some() && e.function == TSC_LEAF))
+        .copied()
+        .collect();
+    let max_basic = if tsc_khz.is_some() { TSC_LEAF } else { 6 };
+    for entry in &mut entries {
+        match entry.function {
+            0 if local_apic || tsc_khz.is_some() => entry.eax = entry.eax.max(max_basic),
+            1 => {
+                entry.ecx = (entry.ecx & !CPUID1_ECX_VMX & !CPUID1_ECX_X2APIC & !CPUID1_ECX_TSC_DEADLINE)
+                    | CPUID1_ECX_HYPERVISOR;
+                // The APIC is the tool's own device, whatever the device says.
+                if local_apic {
+                    entry.edx |= CPUID1_EDX_APIC;
+                } else {
+                    entry.edx &= !CPUID1_EDX_APIC;
+                }
+            }
+            6 if local_apic => entry.eax |= CPUID6_EAX_ARAT,
+            _ => {}
+        }
     }
-    entries.push(kvm_bindings::kvm_cpuid_entry2 {
-        function: TSC_LEAF,
-        eax: 1,
-        ebx: 1,
-        ecx: tsc_khz.saturating_mul(1000),
-        ..Default::default()
-    });
+    if local_apic && !entries.iter().any(|e| e.function == 6) {
+        entries.push(kvm_bindings::kvm_cpuid_entry2 { function: 6, eax: CPUID6_EAX_ARAT, ..Default::default() });
+    }
+    if let Some(khz) = tsc_khz {
+        entries.push(kvm_bindings::kvm_cpuid_entry2 {
+            function: TSC_LEAF,
+            eax: 1,
+            ebx: 1,
+            ecx: khz.saturating_mul(1000),
+            ..Default::default()
+        });
+    }
     kvm_bindings::CpuId::from_entries(&entries).map_err(|e| anyhow::anyhow!("CPUID table: {e:?}"))
 }
 
@@ -401,6 +452,70 @@ fn enter_linux(vcpu: &VcpuFd, boot: &linux::LinuxBoot) -> Result<()> {
     sregs.cs = flat_segment(linux::BOOT_CS, true, true);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.gdt.limit = (8 * linux::gdt().len() - 1) as u16;
+    // IA32_APIC_BASE as firmware leaves it for the bootstrap processor (SDM
+    // Vol. 3A, 11.4.4): enabled, BSP flag set, at the default address. KVM
+    // without an in-kernel APIC takes the value as given; a Linux guest
+    // that finds the BSP flag clear warns of a firmware bug.
+    sregs.apic_base = APIC_BASE | APIC_BASE_ENABLE | APIC_BASE_BSP;
     vcpu.set_sregs(&sregs).context("KVM_SET_SREGS failed")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn leaf(table: &kvm_bindings::CpuId, function: u32) -> Option<kvm_cpuid_entry2> {
+        table.as_slice().iter().find(|e| e.function == function).copied()
+    }
+
+    /// A device's supported CPUID: max basic leaf 0xd, VMX, x2APIC, the
+    /// TSC-deadline timer and the APIC offered, no leaf 6.
+    fn supported() -> Vec<kvm_cpuid_entry2> {
+        vec![
+            kvm_cpuid_entry2 { function: 0, eax: 0xd, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: CPUID1_ECX_VMX | CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE | 1,
+                edx: CPUID1_EDX_APIC | 1,
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn a_linux_guest_gets_an_xapic_with_arat_and_the_crystal_leaf() {
+        let cpuid = guest_cpuid(&supported(), Some(2_000_000), true).unwrap();
+        let one = leaf(&cpuid, 1).unwrap();
+        assert_eq!(one.edx, CPUID1_EDX_APIC | 1);
+        assert_eq!(one.ecx, CPUID1_ECX_HYPERVISOR | 1, "VMX, x2APIC and TSC-deadline hidden");
+        assert_eq!(leaf(&cpuid, 6).unwrap().eax, CPUID6_EAX_ARAT);
+        let crystal = leaf(&cpuid, TSC_LEAF).unwrap();
+        assert_eq!((crystal.eax, crystal.ebx, crystal.ecx), (1, 1, 2_000_000_000));
+        assert_eq!(leaf(&cpuid, 0).unwrap().eax, TSC_LEAF);
+        let mut without_apic = supported();
+        without_apic[1].edx = 1;
+        let cpuid = guest_cpuid(&without_apic, None, true).unwrap();
+        assert_eq!(leaf(&cpuid, 1).unwrap().edx, CPUID1_EDX_APIC | 1, "the tool's APIC is announced anyway");
+    }
+
+    #[test]
+    fn other_guests_see_no_apic_and_no_arat() {
+        let cpuid = guest_cpuid(&supported(), None, false).unwrap();
+        assert_eq!(leaf(&cpuid, 1).unwrap().edx, 1);
+        assert!(leaf(&cpuid, 6).is_none());
+        assert!(leaf(&cpuid, TSC_LEAF).is_none());
+        assert_eq!(leaf(&cpuid, 0).unwrap().eax, 0xd, "the maximum leaf is left alone");
+    }
+
+    #[test]
+    fn an_existing_leaf_6_keeps_its_bits_and_gains_arat() {
+        let mut table = supported();
+        table.push(kvm_cpuid_entry2 { function: 6, eax: 1, ecx: 8, ..Default::default() });
+        let cpuid = guest_cpuid(&table, None, true).unwrap();
+        let six = leaf(&cpuid, 6).unwrap();
+        assert_eq!((six.eax, six.ecx), (1 | CPUID6_EAX_ARAT, 8));
+        assert_eq!(cpuid.as_slice().iter().filter(|e| e.function == 6).count(), 1);
+    }
 }
