@@ -5,12 +5,6 @@
 # checks on both devices; the reset states are compared line by line.
 . /tests/lib.sh
 
-unload_all() {
-    rmmod rkvm 2>/dev/null || true
-    rmmod kvm_intel 2>/dev/null || true
-    rmmod kvm 2>/dev/null || true
-}
-
 abi_checks_pass_on() {
     status=0
     rkvm-abi-check --dev "$1" --unrestricted-guest $3 > /tmp/abi-$2.out || status=$?

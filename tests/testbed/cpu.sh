@@ -7,17 +7,6 @@
 # (KVM_SET_GUEST_DEBUG) must be identical on both devices.
 . /tests/lib.sh
 
-unload_all() {
-    rmmod rkvm 2>/dev/null || true
-    rmmod kvm_intel 2>/dev/null || true
-    rmmod kvm 2>/dev/null || true
-}
-
-use() {
-    unload_all
-    modprobe "$1"
-}
-
 printf 'rkvm-module\n' > /tmp/module.txt
 
 # mbtest DEV OUT [EXTRA ARGS...]: the test kernel with a module and a

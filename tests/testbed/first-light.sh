@@ -10,12 +10,6 @@
 PAYLOADS="hello-real:real exit-status-real:real io-real:real triple-fault-real:real
 hello-protected:protected hello-long:long cpuid-real:real msr-real:real string-io-real:real mmio-real:real:64K syscall-long:long dr-real:real"
 
-unload_all() {
-    rmmod rkvm 2>/dev/null || true
-    rmmod kvm_intel 2>/dev/null || true
-    rmmod kvm 2>/dev/null || true
-}
-
 # run_all DEV TAG: every payload on DEV, output and status kept in /tmp.
 run_all() {
     for pm in $PAYLOADS; do

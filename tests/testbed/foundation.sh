@@ -8,12 +8,6 @@
 ncpus=$(grep -c ^processor /proc/cpuinfo)
 cpu1=/sys/devices/system/cpu/cpu1/online
 
-unload_all() {
-    rmmod rkvm 2>/dev/null || true
-    rmmod kvm_intel 2>/dev/null || true
-    rmmod kvm 2>/dev/null || true
-}
-
 two_cpus() {
     [ "$ncpus" -eq 2 ] || { echo "this suite needs 2 CPUs, the guest has $ncpus"; return 1; }
 }

@@ -43,3 +43,16 @@ finish() {
     echo "$PASSED passed, $FAILED failed"
     [ "$FAILED" -eq 0 ]
 }
+
+# unload_all: neither rkvm nor KVM loaded (they cannot share VMX).
+unload_all() {
+    rmmod rkvm 2>/dev/null || true
+    rmmod kvm_intel 2>/dev/null || true
+    rmmod kvm 2>/dev/null || true
+}
+
+# use MODULE: MODULE (rkvm or kvm_intel) is the one loaded.
+use() {
+    unload_all
+    modprobe "$1"
+}

@@ -7,17 +7,6 @@ INITRD=/guest/initrd.cpio
 # paravirt ops, which an rkvm guest does not get.
 ARGS="console=ttyS0 quiet io_delay=none"
 
-unload_all() {
-    rmmod rkvm 2>/dev/null || true
-    rmmod kvm_intel 2>/dev/null || true
-    rmmod kvm 2>/dev/null || true
-}
-
-use() {
-    unload_all
-    modprobe "$1"
-}
-
 # guest DEV OUT CMD [EXTRA...]: boots the guest with rkvm_cmd=CMD; its
 # console in OUT.out, the tool's stderr in OUT.err, the status appended.
 guest() {

@@ -131,15 +131,13 @@ stdin_types_into_the_guest_shell() {
     done
 }
 
-# An idle Linux guest here still takes about 37 PIT interrupts a second
-# (its one-shot PIT reaches 27 ms at most), each costing some 7 exits to the
-# VMM; under Bochs that measured 8-9 % of a CPU for rkvm and KVM alike (11-13 %
-# without io_delay=none). The issue asks for under 5 %, not reached yet; this
-# checks that HLT parks the vCPU thread (a busy VMM would show ~100 %) and
-# reports the figure.
+# An idle Linux guest sleeps in HLT between the interrupts of the tool's
+# APIC timer (NO_HZ_IDLE: only when a guest timer is due); the vCPU thread
+# parks meanwhile. The issue asks for under 5 % of a host CPU over 10 s.
+# (On the PIT alone it was 8-9 %: Linux caps the one-shot PIT at 27 ms.)
 an_idle_guest_costs_little_cpu() {
     cat /tmp/rkvm-idle.idle /tmp/kvm-idle.idle
-    awk '{ exit !($1 < 20) }' /tmp/rkvm-idle.idle
+    awk '{ exit !($1 < 5) }' /tmp/rkvm-idle.idle
 }
 
 # Bad input: one line naming the problem, status 1, nothing created.
@@ -165,7 +163,7 @@ check "--stats shows exits by reason and accesses by device" stats_show_exits_by
 check "a read-only disk refuses writes and the image is unchanged" a_read_only_disk_refuses_writes
 check "a guest reboot (i8042 reset) ends the run cleanly" a_reboot_ends_the_run
 check "piped stdin types into the guest's shell (serial receive interrupts)" stdin_types_into_the_guest_shell
-check "an idle guest parks: under 20% of a host CPU (the issue's 5% not reached yet)" an_idle_guest_costs_little_cpu
+check "an idle guest (sleep 10) costs under 5% of a host CPU" an_idle_guest_costs_little_cpu
 check "bad input: truncated bzImage, missing initrd, unopenable disk, bad disk option" bad_input_is_refused
 # The figures worth keeping, whatever the checks said: boot time to the
 # shell (the guest's own uptime, emulated seconds), idle cost, and the exits
