@@ -51,7 +51,8 @@
 //! to TMICT. When the count reaches 0 the timer expires: its LVT vector is
 //! requested (unless the entry is masked; the count goes on regardless). In
 //! one-shot mode it then stays at 0; in periodic mode it reloads the initial
-//! count and counts on. A write of TMICT starts a new count (0 stops the
+//! count and counts on, though never with a period under 200 µs (as KVM;
+//! see [`MIN_PERIOD`]). A write of TMICT starts a new count (0 stops the
 //! timer). TSC-deadline mode is not offered (CPUID does not advertise it):
 //! an LVT timer entry selecting it, or the reserved mode 11, stops the timer
 //! and makes TMICT writes ignored, as 11.5.4.1 says of TSC-deadline mode.
@@ -403,7 +404,16 @@ pub struct LocalApic {
     /// `None`: stopped (never started, TMICT 0, or a one-shot count ended),
     /// the current count reads 0.
     timer: Option<Countdown>,
+    /// The shortest period a periodic timer reloads with ([`MIN_PERIOD`]).
+    min_period: Duration,
 }
+
+/// The shortest period of a periodic timer, as KVM's `min_timer_period_us`
+/// (200 µs): a guest asking for less gets this, so it cannot make the VMM
+/// kick it out of the guest (an exit, a signal, an injection) millions of
+/// times a second. One-shot counts are not limited: each takes a TMICT
+/// write, itself an exit. Linux programs the timer one-shot.
+const MIN_PERIOD: Duration = Duration::from_micros(200);
 
 impl Default for LocalApic {
     /// A reset APIC whose clock stays at 0, for guests that only probe the
@@ -442,6 +452,7 @@ impl LocalApic {
             initial_count: 0,
             divide_config: 0,
             timer: None,
+            min_period: MIN_PERIOD,
         }
     }
 
@@ -602,12 +613,18 @@ impl LocalApic {
 
     /// Counts down from `from` as of `now`, reloading TMICT in periodic
     /// mode; 0 stops the timer.
+    /// The reload count is at least [`MIN_PERIOD`]'s worth of counts; the
+    /// count under way is not shortened or lengthened.
     fn start_timer(&mut self, now: Duration, from: u32) {
+        let divide = self.divider();
+        let shortest = (self.min_period.as_nanos() * u128::from(self.timer_hz))
+            .div_ceil(NANOS_PER_SEC * u128::from(divide));
+        let shortest = u32::try_from(shortest).unwrap_or(u32::MAX);
         self.timer = (from != 0).then(|| Countdown {
-            initial: self.initial_count.max(1),
+            initial: self.initial_count.max(1).max(shortest),
             from,
             since: now,
-            divide: self.divider(),
+            divide,
             latched: 0,
         });
     }
@@ -866,10 +883,15 @@ mod tests {
     }
 
     impl Machine {
+        /// Without the periodic timer's floor, so that the count
+        /// arithmetic can be checked with short periods (the floor has a
+        /// test of its own).
         fn reset(timer_hz: u64) -> Self {
             let now = Rc::new(Cell::new(Duration::ZERO));
             let clock = now.clone();
-            Self { apic: LocalApic::new(move || clock.get(), timer_hz), now }
+            let mut apic = LocalApic::new(move || clock.get(), timer_hz);
+            apic.min_period = Duration::ZERO;
+            Self { apic, now }
         }
 
         /// As firmware leaves it.
@@ -1117,6 +1139,37 @@ mod tests {
         m.at_nanos(1600 * 6);
         m.apic.poll();
         assert_eq!(m.irr(), [0xec]);
+    }
+
+    #[test]
+    fn a_periodic_timer_reloads_no_faster_than_every_200_microseconds() {
+        // 1 GHz, divide 1, count 10: asked for a 10 ns period.
+        let mut m = Machine::new(1_000_000_000);
+        m.apic.min_period = MIN_PERIOD;
+        m.write(LVTT, PERIODIC | TIMER_VECTOR);
+        m.write(TDCR, 0xb);
+        m.write(TMICT, 10);
+        assert_eq!(m.read(TMICT), 10, "the register keeps what was written");
+        // The count under way ends as asked; the reloads are 200 µs.
+        assert_eq!(m.apic.next_deadline(), Some(Duration::from_nanos(10)));
+        m.at_nanos(10);
+        m.apic.poll();
+        assert_eq!(m.take(), Some(0xec));
+        m.write(EOI, 0);
+        assert_eq!(m.apic.next_deadline(), Some(Duration::from_nanos(10 + 200_000)));
+        // A millisecond later: requested once, due again in whole periods.
+        m.at_nanos(1_000_000);
+        m.apic.poll();
+        assert_eq!(m.take(), Some(0xec));
+        assert_eq!(m.take(), None);
+        m.write(EOI, 0);
+        assert_eq!(m.apic.next_deadline(), Some(Duration::from_nanos(10 + 5 * 200_000)));
+        // A period above the floor is kept as asked.
+        m.write(TMICT, 300_000);
+        assert_eq!(m.apic.next_deadline(), Some(Duration::from_nanos(1_000_000 + 300_000)));
+        m.at_nanos(1_300_000);
+        m.apic.poll();
+        assert_eq!(m.apic.next_deadline(), Some(Duration::from_nanos(1_600_000)));
     }
 
     #[test]
