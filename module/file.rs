@@ -117,6 +117,12 @@ unsafe extern "C" fn mmap<T: FileObject>(
     }
 }
 
+/// `read` of the file_operations (the statistics file, pread): `buf` is a
+/// user address, handed on as such and only touched with copy_to_user.
+///
+/// # Safety
+/// Called by the VFS only, with a live `file` whose table is `T`'s and a
+/// valid `offset` for the duration of the call.
 unsafe extern "C" fn read<T: FileObject>(
     file: *mut bindings::file,
     buf: *mut u8, // the kernel's `ffi::c_char`

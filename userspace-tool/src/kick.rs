@@ -25,9 +25,8 @@ static RUN: AtomicPtr<kvm_run> = AtomicPtr::new(ptr::null_mut());
 extern "C" fn on_kick(_signal: libc::c_int) {
     let run = RUN.load(Ordering::Acquire);
     if !run.is_null() {
-        // SAFETY: `run` is the vCPU's mapped `kvm_run`, registered by
-        // `Kick::install` and unregistered before it is unmapped; a volatile
-        // byte store is async-signal-safe.
+        // `Kick::install` registered `run` and unregisters it before it is unmapped.
+        // SAFETY: `run` is the vCPU's mapped `kvm_run`; a volatile byte store is async-signal-safe.
         unsafe { ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
     }
 }
@@ -45,9 +44,8 @@ impl Kick {
     /// # Errors
     /// `sigaction` fails.
     pub fn install(run: *mut kvm_run) -> Result<(Kick, KickGuard)> {
-        // SAFETY: an all-zero sigaction is valid; the handler only does a
-        // volatile store (async-signal-safe); no SA_RESTART, so KVM_RUN
-        // returns EINTR.
+        // No SA_RESTART, so KVM_RUN returns EINTR.
+        // SAFETY: an all-zero sigaction is valid; the handler only does a volatile store.
         let rc = unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
@@ -66,8 +64,8 @@ impl Kick {
     /// Interrupts KVM_RUN on the vCPU thread (or makes the next one return
     /// at once).
     pub fn kick(&self) {
-        // SAFETY: the vCPU thread outlives every Kick: the VMM joins or
-        // stops the threads holding one before it returns.
+        // The VMM joins or stops the threads holding a Kick before it returns.
+        // SAFETY: the vCPU thread `self.thread` outlives every Kick.
         unsafe { libc::pthread_kill(self.thread, KICK_SIGNAL) };
     }
 }
@@ -83,8 +81,9 @@ impl Drop for KickGuard {
 
 /// Clears `immediate_exit` before the next KVM_RUN (the kick was seen).
 pub fn rearm(run: &mut kvm_run) {
-    // SAFETY: our own mapped `kvm_run`; the handler may store 1 concurrently,
-    // and a kick that raced with this is seen at the next exit anyway.
+    // The handler may store 1 concurrently: a kick that raced with this is
+    // seen at the next exit anyway.
+    // SAFETY: `run` is our own mapped `kvm_run`; a volatile byte store.
     unsafe { ptr::write_volatile(&raw mut run.immediate_exit, 0) };
 }
 
@@ -105,8 +104,8 @@ impl Alarm {
     pub fn new() -> Result<Alarm> {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        // SAFETY: an all-zero sigevent is valid; the fields set say "send
-        // KICK_SIGNAL to thread `tid`".
+        // The fields set below say "send KICK_SIGNAL to thread `tid`".
+        // SAFETY: an all-zero sigevent is a valid value.
         let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
         event.sigev_notify = libc::SIGEV_THREAD_ID;
         event.sigev_signo = KICK_SIGNAL;

@@ -67,9 +67,9 @@ const E820_RESERVED: u32 = 2;
 #[repr(transparent)]
 struct ZeroPage(boot_params);
 
-// SAFETY: `boot_params` is the kernel's packed C struct of integers and
-// arrays of integers (bindgen-generated, no padding, no pointers): every
-// byte pattern is a valid value.
+// `boot_params` is the kernel's packed C struct (bindgen-generated) of
+// integers and arrays of integers: no padding, no pointers.
+// SAFETY: every byte pattern is a valid `boot_params`.
 unsafe impl ByteValued for ZeroPage {}
 
 /// A Linux boot, ready to enter.

@@ -161,8 +161,7 @@ fn inject_interrupt(vcpu: &mut VcpuFd, platform: &Platform) -> Result<()> {
         let Some(vector) = platform.acknowledge_interrupt() else { return Ok(()) };
         run.request_interrupt_window = 0;
         let irq = kvm_bindings::kvm_interrupt { irq: vector.into() };
-        // SAFETY: KVM_INTERRUPT reads a `struct kvm_interrupt` from the
-        // pointer, which lives across the call.
+        // SAFETY: KVM_INTERRUPT reads a `struct kvm_interrupt` from `&irq`, live across the call.
         let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), ioctls::KVM_INTERRUPT.into(), &irq) };
         if rc < 0 {
             bail!("KVM_INTERRUPT of vector {vector:#x} failed: {}", std::io::Error::last_os_error());
@@ -190,10 +189,9 @@ fn for_each_io_element(vcpu: &mut VcpuFd, mut f: impl FnMut(u16, &mut [u8])) {
         log::warn!("KVM_EXIT_IO with {count} elements of {size} bytes at {:#x}: ignored", io.data_offset);
         return;
     };
-    // SAFETY: the kernel put `count * size` bytes at `data_offset` inside the
-    // vCPU's mapping (KVM_GET_VCPU_MMAP_SIZE covers the PIO page; checked
-    // above against the two pages every KVM-like device maps); nothing else
-    // uses them until the next run.
+    // KVM_GET_VCPU_MMAP_SIZE covers the PIO page; the range was checked
+    // above against the two pages every KVM-like device maps.
+    // SAFETY: `len` bytes at `data_offset` lie in the vCPU's mapping, unused by others until the next run.
     let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
     for element in data.chunks_mut(size.max(1)) {
         f(io.port, element);

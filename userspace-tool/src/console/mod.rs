@@ -366,9 +366,7 @@ fn wait_readable(input: RawFd, stop: RawFd) -> io::Result<Ready> {
         libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
     ];
     loop {
-        // SAFETY: `fds` is an array of `fds.len()` initialized pollfd
-        // structures, valid for the whole call; poll writes only their
-        // `revents`.
+        // SAFETY: `fds` holds `fds.len()` initialized pollfds for the call; poll writes only `revents`.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if ready < 0 {
             let e = io::Error::last_os_error();
@@ -391,8 +389,7 @@ fn wait_readable(input: RawFd, stop: RawFd) -> io::Result<Ready> {
 
 /// read(2) into `buf`.
 fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and read
-    // writes at most that many.
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, the most read writes.
     let len = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
     usize::try_from(len).map_err(|_| io::Error::last_os_error())
 }
@@ -597,8 +594,7 @@ mod tests {
     #[test]
     fn raw_mode_on_a_pty_is_undone_on_drop() {
         let (mut master, mut slave) = (0, 0);
-        // SAFETY: both out-pointers are valid; name, settings and size are
-        // optional and null.
+        // SAFETY: both out-pointers are valid; name, settings and size are optional (null).
         let r = unsafe { libc::openpty(&mut master, &mut slave, ptr::null_mut(), ptr::null(), ptr::null()) };
         assert_eq!(r, 0, "openpty: {}", io::Error::last_os_error());
         let before = get_modes(slave).unwrap();

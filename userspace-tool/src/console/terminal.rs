@@ -49,8 +49,7 @@ impl RawModeGuard {
         let original = get_modes(fd)?;
         let saved = Box::into_raw(Box::new(SavedModes { fd, original, raw: raw_modes(&original) }));
         if SAVED.compare_exchange(ptr::null_mut(), saved, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            // SAFETY: `saved` comes from Box::into_raw above and was not
-            // published, so this is its only owner.
+            // SAFETY: `saved` is from Box::into_raw above and unpublished: this is its only owner.
             drop(unsafe { Box::from_raw(saved) });
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -64,8 +63,8 @@ impl RawModeGuard {
             guard.handle(signal, restore_and_reraise, libc::SA_RESETHAND)?;
         }
         guard.handle(libc::SIGCONT, reapply_raw_modes, libc::SA_RESTART)?;
-        // SAFETY: SAVED was published above and is only unpublished by this
-        // guard's drop; the SavedModes it points at is never freed.
+        // Only this guard's drop unpublishes SAVED, and what it points at is never freed.
+        // SAFETY: `saved` points at the published, never freed SavedModes.
         set_modes(fd, unsafe { &(*saved).raw })?;
         Ok(guard)
     }
@@ -88,9 +87,8 @@ impl RawModeGuard {
         new.sa_flags = flags;
         // SAFETY: `new.sa_mask` is valid for writes.
         unsafe { libc::sigemptyset(&mut new.sa_mask) };
-        // SAFETY: `new` is initialized and names a handler with the
-        // signature sigaction expects without SA_SIGINFO; the handlers do
-        // only async-signal-safe things.
+        // The handlers do only async-signal-safe things.
+        // SAFETY: `new` is initialized and its handler has the non-SA_SIGINFO signature.
         if unsafe { libc::sigaction(signal, &new, ptr::null_mut()) } != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -162,8 +160,7 @@ fn restore_original_modes() {
     if saved.is_null() {
         return;
     }
-    // SAFETY: a non-null SAVED points at a SavedModes, filled before it was
-    // published and never freed.
+    // SAFETY: a non-null SAVED points at a SavedModes filled before publication, never freed.
     let saved = unsafe { &*saved };
     // SAFETY: tcsetattr is async-signal-safe and only reads the termios.
     unsafe { libc::tcsetattr(saved.fd, libc::TCSANOW, &saved.original) };
@@ -172,10 +169,10 @@ fn restore_original_modes() {
 /// The handler for `FATAL_SIGNALS`.
 extern "C" fn restore_and_reraise(signal: c_int) {
     restore_original_modes();
-    // SAFETY: raise is async-signal-safe. SA_RESETHAND put the default
-    // action back on entry and the signal stays blocked while this handler
-    // runs, so it is delivered again on return and ends the process as if
-    // no handler had been installed.
+    // SA_RESETHAND put the default action back on entry and the signal stays
+    // blocked while this handler runs, so it is delivered again on return
+    // and ends the process as if no handler had been installed.
+    // SAFETY: raise is async-signal-safe.
     unsafe { libc::raise(signal) };
 }
 
@@ -183,15 +180,14 @@ extern "C" fn restore_and_reraise(signal: c_int) {
 /// only (from the background, tcsetattr would stop the process again with
 /// SIGTTOU).
 extern "C" fn reapply_raw_modes(_signal: c_int) {
-    // SAFETY: __errno_location returns this thread's errno, which the
-    // interrupted code may be about to read: it is put back below.
+    // The interrupted code may be about to read errno: it is put back below.
+    // SAFETY: __errno_location returns this thread's errno, valid to read.
     let errno = unsafe { *libc::__errno_location() };
     let saved = SAVED.load(Ordering::Acquire);
     if !saved.is_null() {
         // SAFETY: as in `restore_original_modes`.
         let saved = unsafe { &*saved };
-        // SAFETY: tcgetpgrp, getpgrp and tcsetattr are async-signal-safe;
-        // the termios is only read.
+        // SAFETY: tcgetpgrp, getpgrp and tcsetattr are async-signal-safe; the termios is only read.
         unsafe {
             if libc::tcgetpgrp(saved.fd) == libc::getpgrp() {
                 libc::tcsetattr(saved.fd, libc::TCSANOW, &saved.raw);
@@ -214,8 +210,7 @@ fn install_exit_hooks() {
             restore_original_modes();
             previous(info);
         }));
-        // SAFETY: `restore_at_exit` is a C-ABI function without arguments
-        // that only reads SAVED and calls tcsetattr.
+        // SAFETY: `restore_at_exit` is an argument-less C-ABI fn that only reads SAVED, calls tcsetattr.
         if unsafe { libc::atexit(restore_at_exit) } != 0 {
             log::warn!("console: cannot register the terminal's restore at exit");
         }
