@@ -82,7 +82,7 @@ impl Vcpu {
         let g = &state.g;
         // SAFETY: our run page; the VMM only reads these.
         unsafe {
-            (*run).if_flag = u8::from(g.regs.rflags & (1 << 9) != 0);
+            (*run).if_flag = u8::from(g.regs.rflags & rkvm_core::events::RFLAGS_IF != 0);
             (*run).ready_for_interrupt_injection = g.events.ready_for_interrupt(g.regs.rflags).into();
         }
         result

@@ -20,17 +20,14 @@ use kernel::error::Result;
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest, ro};
 
-use rkvm_core::events::{EventState, BLOCKING_MOV_SS, BLOCKING_NMI, BLOCKING_STI};
+use rkvm_core::events::{accepts_interrupt, EventState, BLOCKING_MOV_SS, BLOCKING_NMI, BLOCKING_STI};
 use rkvm_core::exit::InterruptionInfo;
 
 use super::vmcs::LoadedVmcs;
 
-const RFLAGS_IF: u64 = 1 << 9;
-
 /// Whether the guest accepts an external interrupt now.
 pub(crate) fn interruptible(vmcs: &LoadedVmcs<'_>) -> bool {
-    let blocking = vmcs.read(guest::INTERRUPTIBILITY_STATE) as u32;
-    vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0 && blocking & (BLOCKING_STI | BLOCKING_MOV_SS) == 0
+    accepts_interrupt(vmcs.read(guest::RFLAGS), vmcs.read(guest::INTERRUPTIBILITY_STATE) as u32)
 }
 
 /// Whether the guest accepts an NMI now (as KVM: not while NMIs are

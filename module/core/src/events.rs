@@ -94,13 +94,20 @@ pub enum InvalidEvents {
 }
 
 /// RFLAGS.IF.
-const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_IF: u64 = 1 << 9;
+
+/// Whether a guest with `rflags` and guest interruptibility state
+/// `interruptibility` takes an external interrupt now: IF set, no STI or
+/// MOV SS shadow (SDM Vol. 3C, 26.3.1.5).
+pub fn accepts_interrupt(rflags: u64, interruptibility: u32) -> bool {
+    rflags & RFLAGS_IF != 0 && interruptibility & (BLOCKING_STI | BLOCKING_MOV_SS) == 0
+}
 
 impl EventState {
     /// `kvm_run.ready_for_interrupt_injection` for a guest with `rflags`:
     /// KVM_INTERRUPT may queue a vector now, because none is queued, no
-    /// event rides on the next entry and the guest takes interrupts (IF set,
-    /// no STI or MOV SS shadow: SDM Vol. 3C, 26.3.1.5). KVM reports it on
+    /// event rides on the next entry and the guest takes interrupts
+    /// ([`accepts_interrupt`]). KVM reports it on
     /// every return from KVM_RUN, an interrupted one included
     /// (`post_kvm_run_save`); a VMM that saw a stale 1 would acknowledge a
     /// second interrupt at its PIC and replace the queued one, which would
@@ -108,8 +115,7 @@ impl EventState {
     pub fn ready_for_interrupt(&self, rflags: u64) -> bool {
         self.pending_irq.is_none()
             && !InterruptionInfo(self.entry_info).valid()
-            && rflags & RFLAGS_IF != 0
-            && self.interruptibility & (BLOCKING_STI | BLOCKING_MOV_SS) == 0
+            && accepts_interrupt(rflags, self.interruptibility)
     }
 
     /// KVM_GET_VCPU_EVENTS.
