@@ -69,7 +69,7 @@ pub struct Platform {
     pub reset: Rc<Cell<bool>>,
     /// Set by isa-debug-exit: the guest's exit status.
     pub exit_status: Rc<Cell<Option<u32>>>,
-    /// The moment the PIT's clock counts from.
+    /// The moment the timers' clock (PIT, APIC) counts from.
     start: Instant,
 }
 

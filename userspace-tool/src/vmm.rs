@@ -193,13 +193,14 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU failed")?;
     // Linux guests get the tool's local APIC (its timer is their clock-event
     // device; the PIC's interrupts come through LINT0) and an MP table that
-    // tells Linux to use it. Other guests see no APIC and use the PICs.
-    let local_apic = matches!(cfg.guest, Guest::Linux { .. });
+    // tells Linux to use it, and the console. Other guests see no APIC and
+    // use the PICs.
+    let linux = matches!(cfg.guest, Guest::Linux { .. });
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID failed")?;
     let tsc_khz = vcpu.get_tsc_khz().ok();
-    let cpuid = guest_cpuid(supported.as_slice(), tsc_khz, local_apic)?;
+    let cpuid = guest_cpuid(supported.as_slice(), tsc_khz, linux)?;
     vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2 failed")?;
     match start {
         Start::Real(entry) => enter_real_mode(&vcpu, entry)?,
@@ -208,12 +209,11 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
     }
 
     // The APIC timer counts the crystal clock leaf 15H announces.
-    let apic_timer_hz = local_apic.then(|| tsc_khz.map_or(1_000_000_000, |khz| u64::from(khz) * 1000));
+    let apic_timer_hz = linux.then(|| tsc_khz.map_or(1_000_000_000, |khz| u64::from(khz) * 1000));
     let mut platform = Platform::new(&mem, cfg.mem_size, disk, apic_timer_hz)?;
     let mut stepper = Stepper::new(cfg.debug_step, &mem);
     stepper.start(&vcpu)?;
-    let console = matches!(cfg.guest, Guest::Linux { .. });
-    let result = runner::run(&mut vcpu, &mut platform, &mut stepper, console);
+    let result = runner::run(&mut vcpu, &mut platform, &mut stepper, linux);
     if cfg.stats {
         print_stats(&vcpu, &platform);
     }
