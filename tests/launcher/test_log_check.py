@@ -1,9 +1,13 @@
-"""Tests of qemu-testbed/run's verdict on a guest log: which kernel reports
+"""Tests of qemu-testbed/run: its verdict on a guest log (which kernel reports
 fail a run, and that the excused warnings are excused only at their exact
-call site with their expected caller."""
+call site with their expected caller), and the pruning of old run
+directories, which must spare a run still in progress."""
 
+import fcntl
 import importlib.machinery
 import importlib.util
+import os
+import tempfile
 import unittest
 from pathlib import Path
 
@@ -68,6 +72,59 @@ class KernelProblems(unittest.TestCase):
         ]:
             with self.subTest(line=line):
                 self.assertIn(what, run.kernel_problems("ok\n" + line + "\n"))
+
+
+    def test_lockup_detectors_fail_the_run(self):
+        for line, what in [
+            ("[  61.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [rkvm:97]", "soft lockup"),
+            ("[  40.2] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:", "RCU stall"),
+            ("[  40.2] rcu: INFO: rcu_preempt self-detected stall on CPU", "RCU stall"),
+            ("[  40.2] rcu: INFO: rcu_preempt detected expedited stalls on CPUs/tasks: {", "RCU stall"),
+            ("[  33.0] INFO: task rkvm:120 blocked for more than 30 seconds.", "hung task"),
+            ("[  50.0] BUG: workqueue lockup - pool cpus=0 node=0 flags=0x0 nice=0 stuck for 31s!",
+             "workqueue lockup"),
+        ]:
+            with self.subTest(line=line):
+                self.assertIn(what, run.kernel_problems("ok\n" + line + "\n"))
+
+    def test_a_guest_printing_about_rcu_is_not_a_stall(self):
+        self.assertIsNone(run.kernel_problems("rcu: Preemptible hierarchical RCU implementation.\n"))
+
+
+class RunDirectories(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.runs = Path(self.tmp.name)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def make(self, name):
+        d = self.runs / name
+        d.mkdir()
+        (d / "console.log").write_text("x")
+        return d
+
+    def test_only_the_newest_are_kept(self):
+        dirs = [self.make(f"20261203-1200{i:02}-x") for i in range(5)]
+        run.prune_runs(self.runs, keep=2)
+        self.assertEqual(sorted(self.runs.iterdir()), dirs[3:])
+
+    def test_a_run_in_progress_is_never_pruned(self):
+        busy = self.make("20261203-110000-busy")
+        (busy / ".lock").touch()
+        fd = os.open(busy / ".lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Another process holds the lock in real life; flock locks are per
+        # open file, so a second open in this process conflicts just as well.
+        try:
+            finished = self.make("20261203-110001-done")
+            (finished / ".lock").touch()
+            newest = self.make("20261203-120000-new")
+            run.prune_runs(self.runs, keep=1)
+            self.assertEqual(sorted(self.runs.iterdir()), [busy, newest])
+        finally:
+            os.close(fd)
 
 
 class HaltMarkTest(unittest.TestCase):
