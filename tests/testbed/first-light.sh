@@ -94,7 +94,7 @@ io_of_every_size() {
 }
 
 triple_fault_is_a_shutdown() {
-    grep -qx 'exit status 1' /tmp/rkvm-triple-fault-real.out
+    grep -qx 'exit status 6' /tmp/rkvm-triple-fault-real.out
     grep -q 'guest shut down (triple fault)' /tmp/rkvm-triple-fault-real.err
 }
 

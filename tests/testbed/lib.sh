@@ -34,6 +34,20 @@ expect_fail() {
     cat /tmp/expect.out
 }
 
+# expect_status N CMD...: succeeds if CMD exits with status N; its output is
+# kept in /tmp/expect.out.
+expect_status() {
+    want=$1
+    shift
+    "$@" >/tmp/expect.out 2>&1
+    got=$?
+    cat /tmp/expect.out
+    if [ "$got" != "$want" ]; then
+        echo "expected exit status $want, got $got: $*"
+        return 1
+    fi
+}
+
 # dmesg_count PATTERN: how many kernel log lines match (fixed string).
 dmesg_count() {
     dmesg | grep -cF "$1" || true

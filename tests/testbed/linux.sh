@@ -140,18 +140,18 @@ an_idle_guest_costs_little_cpu() {
     awk '{ exit !($1 < 5) }' /tmp/rkvm-idle.idle
 }
 
-# Bad input: one line naming the problem, status 1, nothing created.
+# Bad input: one line naming the problem, status 2, nothing created.
 bad_input_is_refused() {
     use rkvm
     head -c 100000 $KERNEL > /tmp/truncated.bzImage
-    expect_fail rkvm run --mem 128M --kernel /tmp/truncated.bzImage --initrd $INITRD
+    expect_status 2 rkvm run --mem 128M --kernel /tmp/truncated.bzImage --initrd $INITRD
     grep -q 'truncated.bzImage' /tmp/expect.out
-    expect_fail rkvm run --mem 128M --kernel $KERNEL --initrd /tmp/no-such-initrd
+    expect_status 2 rkvm run --mem 128M --kernel $KERNEL --initrd /tmp/no-such-initrd
     grep -q 'no-such-initrd' /tmp/expect.out
-    expect_fail rkvm run --mem 128M --kernel $KERNEL --initrd $INITRD --disk /tmp/no-such-dir/disk.img
+    expect_status 2 rkvm run --mem 128M --kernel $KERNEL --initrd $INITRD --disk /tmp/no-such-dir/disk.img
     grep -q 'no-such-dir/disk.img' /tmp/expect.out
     [ ! -e /tmp/no-such-dir ]
-    expect_fail rkvm run --mem 128M --kernel $KERNEL --initrd $INITRD --disk /tmp/rkvm-disk.img,rw
+    expect_status 2 rkvm run --mem 128M --kernel $KERNEL --initrd $INITRD --disk /tmp/rkvm-disk.img,rw
     grep -q 'unknown disk option' /tmp/expect.out
 }
 

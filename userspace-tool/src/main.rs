@@ -10,6 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use status::Failed;
+
 mod bus;
 mod console;
 mod devices;
@@ -22,6 +24,7 @@ mod mptable;
 mod multiboot;
 mod platform;
 mod runner;
+mod status;
 mod step;
 mod vmm;
 
@@ -55,9 +58,12 @@ enum Command {
     /// devices (0xcf8), fw_cfg (0x510) and the local APIC's registers
     /// (0xfee00000). Other ports and addresses read as all ones.
     ///
-    /// Exit status: the guest's debug-exit status as QEMU's isa-debug-exit
-    /// gives it ((value << 1) | 1), 0 after HLT with interrupts disabled, 1
-    /// for an error (bad input, triple fault, failed VM entry).
+    /// Exit status: 0 when the guest ends normally (HLT with interrupts
+    /// disabled, power-off, reset); odd when it writes V to isa-debug-exit,
+    /// (V << 1) | 1 as QEMU gives it; even for failures: 2 bad command line
+    /// or input, 4 the device or an ioctl failed, 6 the guest shut down
+    /// (triple fault), 8 VM entry failed, 10 internal error or unhandled
+    /// exit.
     Run(RunArgs),
     /// Show what a KVM-like device offers: API version and capabilities.
     Info {
@@ -190,44 +196,36 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => {
-            let guest = match (args.kernel, args.image) {
-                // A file that cannot be read is reported by the Multiboot
-                // loader, which names it.
-                (Some(kernel), _) => match linux::is_bzimage(&kernel) {
-                    Ok(true) => linux_guest(kernel, args.initrd, args.append),
-                    Ok(false) | Err(_) => Ok(vmm::Guest::Multiboot {
-                        kernel,
-                        modules: args.initrd,
-                        args: args.append.unwrap_or_default(),
-                    }),
-                },
-                (None, Some(image)) => Ok(vmm::Guest::Flat {
-                    image,
-                    mode: args.mode,
-                    load: args.load,
-                    entry: args.entry.unwrap_or(args.load),
-                }),
-                (None, None) => unreachable!("clap requires IMAGE without --kernel"),
-            };
-            guest.and_then(|guest| {
-                vmm::run(&vmm::RunConfig {
-                    dev: args.dev,
-                    mem_size: args.mem,
-                    guest,
-                    debug_step: args.debug_step,
-                    disk: args.disk.map(|d| (d.path, d.read_only)),
-                    stats: args.stats,
-                })
-            })
-        }
-        Command::Info { dev } => kvm::info(&dev).map(|()| 0),
+        Command::Run(args) => run(args),
+        Command::Info { dev } => kvm::info(&dev).map(|()| 0).map_err(Failed::device),
     };
     match result {
         Ok(status) => ExitCode::from(status),
-        Err(e) => {
-            eprintln!("rkvm: error: {e:#}");
-            ExitCode::FAILURE
+        Err(failed) => {
+            eprintln!("rkvm: error: {failed}");
+            ExitCode::from(failed.failure.status())
         }
     }
+}
+
+/// `rkvm run`.
+fn run(args: RunArgs) -> Result<u8, Failed> {
+    let guest = match (args.kernel, args.image) {
+        // A file that cannot be read is reported by the Multiboot loader,
+        // which names it.
+        (Some(kernel), _) => match linux::is_bzimage(&kernel) {
+            Ok(true) => linux_guest(kernel, args.initrd, args.append).map_err(Failed::input)?,
+            Ok(false) | Err(_) => vmm::Guest::Multiboot { kernel, modules: args.initrd, args: args.append.unwrap_or_default() },
+        },
+        (None, Some(image)) => vmm::Guest::Flat { image, mode: args.mode, load: args.load, entry: args.entry.unwrap_or(args.load) },
+        (None, None) => unreachable!("clap requires IMAGE without --kernel"),
+    };
+    vmm::run(&vmm::RunConfig {
+        dev: args.dev,
+        mem_size: args.mem,
+        guest,
+        debug_step: args.debug_step,
+        disk: args.disk.map(|d| (d.path, d.read_only)),
+        stats: args.stats,
+    })
 }

@@ -23,6 +23,7 @@ use crate::console::{Console, ConsoleEvent};
 use crate::devices::debug_exit::DebugExit;
 use crate::kick::{self, Alarm, Kick};
 use crate::platform::Platform;
+use crate::status::Failure;
 use crate::step::Stepper;
 
 /// The KVM ioctl numbers, from the structs kvm-bindings defines (the same
@@ -38,21 +39,35 @@ const RFLAGS_IF: u64 = 1 << 9;
 /// or a kick anyway; this only bounds how late a missed wake-up is noticed.
 const MAX_PARK: Duration = Duration::from_secs(1);
 
-/// How a run ended, besides errors.
+/// How a run ended, besides errors of the device.
 pub struct Outcome {
-    /// The process exit status.
+    /// The process exit status (see `status.rs`).
     pub status: u8,
-    /// A line for stderr, if the end deserves one.
-    pub message: Option<&'static str>,
+    /// What to say on stderr, if the end deserves it.
+    pub message: Option<String>,
+}
+
+impl Outcome {
+    fn ended(status: u8) -> Self {
+        Outcome { status, message: None }
+    }
+
+    /// The guest stopped in a way that is a failure of the run (`failure`
+    /// gives the status), explained by `message` and a register dump.
+    fn failed(failure: Failure, message: String) -> Self {
+        Outcome { status: failure.status(), message: Some(message) }
+    }
 }
 
 /// Runs `vcpu` with `platform` until the guest stops.
 ///
 /// With `console`, stdin feeds COM1 (and Ctrl-A x ends the run).
 ///
+/// A guest that shut down, failed to enter or hit an internal error ends
+/// the run with that failure's status and a register dump.
+///
 /// # Errors
-/// A failed ioctl, or a guest that shut down, failed to enter or hit an
-/// internal error (with a register dump).
+/// A failed ioctl.
 pub fn run(vcpu: &mut VcpuFd, platform: &mut Platform, stepper: &mut Stepper<'_>, with_console: bool) -> Result<Outcome> {
     let (kick, _guard) = Kick::install(vcpu.get_kvm_run())?;
     let mut alarm = Alarm::new()?;
@@ -67,7 +82,7 @@ pub fn run(vcpu: &mut VcpuFd, platform: &mut Platform, stepper: &mut Stepper<'_>
         if let Some(c) = &console {
             while let Some(event) = c.try_recv() {
                 if handle_console(event, &mut input, &mut input_done) {
-                    return Ok(Outcome { status: 0, message: None });
+                    return Ok(Outcome::ended(0));
                 }
             }
         }
@@ -80,10 +95,10 @@ pub fn run(vcpu: &mut VcpuFd, platform: &mut Platform, stepper: &mut Stepper<'_>
             Ok(VcpuExit::IoOut(..)) => {
                 for_each_io_element(vcpu, |port, element| platform.pio.write(port, element));
                 if let Some(value) = platform.exit_status.get() {
-                    return Ok(Outcome { status: DebugExit::exit_code(value), message: None });
+                    return Ok(Outcome::ended(DebugExit::exit_code(value)));
                 }
                 if platform.reset.get() {
-                    return Ok(Outcome { status: 0, message: Some("guest reset itself (i8042 reset line): run ended") });
+                    return Ok(Outcome { status: 0, message: Some("guest reset itself (i8042 reset line): run ended".into()) });
                 }
             }
             Ok(VcpuExit::IoIn(..)) => for_each_io_element(vcpu, |port, element| platform.pio.read(port, element)),
@@ -94,24 +109,31 @@ pub fn run(vcpu: &mut VcpuFd, platform: &mut Platform, stepper: &mut Stepper<'_>
                 if regs.rflags & RFLAGS_IF == 0 {
                     // Nothing can wake it: the guest is done (Linux's
                     // power-off without ACPI ends here too).
-                    return Ok(Outcome { status: 0, message: None });
+                    return Ok(Outcome::ended(0));
                 }
                 // The thread waits for the deadline itself: no signal.
                 alarm.set(None);
                 if park(platform, console.as_ref(), &mut input, &mut input_done) {
-                    return Ok(Outcome { status: 0, message: None });
+                    return Ok(Outcome::ended(0));
                 }
             }
             Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
-            Ok(VcpuExit::Shutdown) => bail!("guest shut down (triple fault)\n{}", dump(vcpu)),
+            Ok(VcpuExit::Shutdown) => {
+                return Ok(Outcome::failed(Failure::Shutdown, format!("guest shut down (triple fault)\n{}", dump(vcpu))))
+            }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                bail!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}\n{}", dump(vcpu))
+                let message = format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}\n{}", dump(vcpu));
+                return Ok(Outcome::failed(Failure::EntryFailed, message));
             }
             Ok(VcpuExit::Debug(arch)) => stepper.debug_exit(vcpu, &arch)?,
-            Ok(VcpuExit::InternalError) => bail!("KVM internal error\n{}", dump(vcpu)),
+            Ok(VcpuExit::InternalError) => {
+                let message = format!("KVM internal error{}\n{}", internal_error(vcpu), dump(vcpu));
+                return Ok(Outcome::failed(Failure::Internal, message));
+            }
             Ok(other) => {
                 let what = format!("{other:?}");
-                bail!("unexpected exit {what}\n{}", dump(vcpu))
+                let message = format!("unexpected exit {what}\n{}", dump(vcpu));
+                return Ok(Outcome::failed(Failure::Internal, message));
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => bail!("KVM_RUN failed: {e}"),
@@ -220,6 +242,25 @@ pub fn exit_stats(vcpu: &VcpuFd) -> Result<Vec<(String, u64)>> {
     }
     let parsed = rkvm_core::stats::parse(&image).map_err(|_| anyhow::anyhow!("malformed statistics from the device"))?;
     Ok(parsed.filter(|&(_, v)| v > 0).map(|(n, v)| (n.to_string(), v)).collect())
+}
+
+/// KVM_EXIT_INTERNAL_ERROR's details: the suberror and its data words
+/// (api.rst, "KVM_EXIT_INTERNAL_ERROR").
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR: `internal` is the
+    // valid member; every field is an integer.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "exit during event delivery",
+        4 => "unexpected exit reason",
+        _ => "unknown suberror",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    format!(": suberror {} ({what}), data [{}]", internal.suberror, data.join(", "))
 }
 
 /// The vCPU's registers, for error reports.

@@ -15,6 +15,7 @@ use crate::devices::virtio_blk::VirtioBlk;
 use crate::platform::Platform;
 use crate::multiboot::{self, Boot};
 use crate::step::Stepper;
+use crate::status::Failed;
 use crate::{kvm, layout, linux, loader, mptable, runner, Mode};
 
 /// RFLAGS bit 1 is reserved and always 1.
@@ -102,12 +103,20 @@ enum Start {
     Linux(linux::LinuxBoot),
 }
 
-/// Runs the guest; returns the process exit status.
+/// Runs the guest; returns the process exit status (see `status.rs`).
 ///
 /// # Errors
-/// Bad input, a device that is not KVM-like, a failed ioctl, or a guest that
-/// shut down or could not be entered (with a register dump).
-pub fn run(cfg: &RunConfig) -> Result<u8> {
+/// [`Failed`]: bad input (nothing was created), or a device that cannot be
+/// opened or fails an ioctl.
+pub fn run(cfg: &RunConfig) -> Result<u8, Failed> {
+    // Guest memory first, so that it outlives the VM that maps it.
+    let (mem, start, disk) = prepare(cfg).map_err(Failed::input)?;
+    run_prepared(cfg, &mem, start, disk).map_err(Failed::device)
+}
+
+/// Reads and checks every input and lays the guest out in its RAM, before
+/// any device is opened.
+fn prepare(cfg: &RunConfig) -> Result<(GuestMemoryMmap<()>, Start, Option<VirtioBlk>)> {
     if cfg.mem_size < MIN_MEM || !cfg.mem_size.is_multiple_of(PAGE_SIZE) {
         bail!("--mem {:#x}: guest RAM must be a multiple of 4 KiB and at least 64 KiB", cfg.mem_size);
     }
@@ -135,7 +144,6 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
         Some((path, read_only)) => Some(VirtioBlk::open(path, *read_only)?),
         None => None,
     };
-    // Guest memory first, so that it outlives the VM that maps it.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.mem_size as usize)])
         .context("cannot allocate guest RAM")?;
     let start = match prepared {
@@ -177,6 +185,11 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
         }
     };
 
+    Ok((mem, start, disk))
+}
+
+/// Creates the VM and runs the prepared guest.
+fn run_prepared(cfg: &RunConfig, mem: &GuestMemoryMmap<()>, start: Start, disk: Option<VirtioBlk>) -> Result<u8> {
     let kvm = kvm::open(&cfg.dev)?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM failed")?;
     let host_addr = mem.get_host_address(GuestAddress(0)).context("guest RAM has no host mapping")?;
@@ -187,8 +200,9 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
         memory_size: cfg.mem_size,
         userspace_addr: host_addr as u64,
     };
-    // SAFETY: `mem` maps `memory_size` bytes at `host_addr` and is declared
-    // before `vm`, so it is unmapped only after the VM is gone.
+    // SAFETY: `mem` maps `memory_size` bytes at `host_addr` and is borrowed
+    // from the caller, so it is unmapped only after the VM, which this
+    // function owns, is gone.
     unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION failed")?;
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU failed")?;
     // Linux guests get the tool's local APIC (its timer is their clock-event
@@ -210,8 +224,8 @@ pub fn run(cfg: &RunConfig) -> Result<u8> {
 
     // The APIC timer counts the crystal clock leaf 15H announces.
     let apic_timer_hz = linux.then(|| tsc_khz.map_or(1_000_000_000, |khz| u64::from(khz) * 1000));
-    let mut platform = Platform::new(&mem, cfg.mem_size, disk, apic_timer_hz)?;
-    let mut stepper = Stepper::new(cfg.debug_step, &mem);
+    let mut platform = Platform::new(mem, cfg.mem_size, disk, apic_timer_hz)?;
+    let mut stepper = Stepper::new(cfg.debug_step, mem);
     stepper.start(&vcpu)?;
     let result = runner::run(&mut vcpu, &mut platform, &mut stepper, linux);
     if cfg.stats {

@@ -1,6 +1,6 @@
 //! The `rkvm` binary end to end: payloads from `rkvm-payloads` run on the
 //! host's /dev/kvm (where it exists; these machines have one), and bad input
-//! gives a one-line error and exit status 1. The same payloads run on
+//! gives a one-line error and exit status 2 (a device failure 4). The same payloads run on
 //! /dev/rkvm in the testbed.
 
 use std::collections::HashMap;
@@ -27,8 +27,13 @@ fn write_payload(p: rkvm_payloads::Payload) -> PathBuf {
     path
 }
 
+/// Bad input: one line on stderr, exit status 2, no guest output.
 fn one_line_error(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(1), "exit status");
+    one_line_error_with_status(out, 2)
+}
+
+fn one_line_error_with_status(out: &Output, status: i32) -> String {
+    assert_eq!(out.status.code(), Some(status), "exit status; stderr: {}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("rkvm: error: "), "{err}");
@@ -122,7 +127,8 @@ fn too_little_memory_and_bad_entry_are_refused() {
 fn a_device_that_is_not_kvm_is_named() {
     let image = write_payload(rkvm_payloads::hello_real());
     let out = rkvm(&["run", "--dev", "/dev/null", image.to_str().unwrap()]);
-    assert!(one_line_error(&out).contains("/dev/null does not speak the KVM API"));
+    // A device failure, not bad input: status 4 (status.rs).
+    assert!(one_line_error_with_status(&out, 4).contains("/dev/null does not speak the KVM API"));
 }
 
 #[test]
