@@ -119,7 +119,10 @@ impl<'a> Stepper<'a> {
             sregs.cs.base.wrapping_add(rip) & 0xffff_ffff
         };
         let paging = PagingState { cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer };
-        let opcode = walk::translate(&mut Ram(self.mem), &paging, linear)
+        // The VMM looks, it does not execute: a supervisor read that SMAP
+        // does not stop (AC), so only "not mapped" hides the byte.
+        let look = walk::Access { ac: true, ..Default::default() };
+        let opcode = walk::translate(&mut Ram(self.mem), &paging, linear, look)
             .ok()
             .and_then(|phys| self.mem.read_obj::<u8>(GuestAddress(phys)).ok());
         Ok(opcode == Some(HLT))
