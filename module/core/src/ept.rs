@@ -12,6 +12,9 @@ const LARGE_PAGE: u64 = 1 << 7;
 /// Bits 51:12: the address in an entry.
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
+/// Guest-physical addresses a 4-level EPT can map: 48 bits (SDM 29.3.2).
+pub const GPA_LIMIT: u64 = 1 << 48;
+
 /// 4 KiB.
 pub const SIZE_4K: u64 = 1 << 12;
 /// 2 MiB.
@@ -76,7 +79,7 @@ impl Ept {
             SIZE_2M => 1,
             _ => return Err(EptError::Misaligned),
         };
-        if !gpa.is_multiple_of(size) || !hpa.is_multiple_of(size) || gpa >> 48 != 0 || hpa & !ADDR_MASK != 0 {
+        if !gpa.is_multiple_of(size) || !hpa.is_multiple_of(size) || gpa >= GPA_LIMIT || hpa & !ADDR_MASK != 0 {
             return Err(EptError::Misaligned);
         }
         let mut table = self.pml4;
@@ -100,36 +103,63 @@ impl Ept {
         Ok(())
     }
 
-    /// Removes every mapping in `[gpa, gpa + size)` (whole pages) and frees
-    /// page tables that become empty. The caller flushes the TLBs (INVEPT).
-    pub fn unmap(&mut self, mem: &mut impl TableMemory, gpa: u64, size: u64) {
+    /// Removes every mapping in `[gpa, gpa + size)` (whole pages; the part
+    /// beyond [`GPA_LIMIT`] holds nothing and is ignored), calls
+    /// `on_leaf(hpa, size)` for each mapping removed, and frees page tables
+    /// that become empty. The caller flushes the TLBs (INVEPT) before it
+    /// lets go of the pages `on_leaf` named or reuses the freed tables.
+    ///
+    /// `on_leaf` returns whether to go on: if it says stop, the walk ends
+    /// after that mapping and `unmap` returns where to resume (the caller
+    /// flushes, then calls again from there); otherwise `None`.
+    pub fn unmap(
+        &mut self,
+        mem: &mut impl TableMemory,
+        gpa: u64,
+        size: u64,
+        mut on_leaf: impl FnMut(u64, u64) -> bool,
+    ) -> Option<u64> {
+        let end = gpa.saturating_add(size).min(GPA_LIMIT);
         let mut addr = gpa;
-        while addr < gpa + size {
-            addr += Self::unmap_one(mem, self.pml4, 3, addr);
+        while addr < end {
+            let (covered, go_on) = Self::unmap_one(mem, self.pml4, 3, addr, &mut on_leaf);
+            addr += covered;
+            if !go_on {
+                return (addr < end).then_some(addr);
+            }
         }
+        None
     }
 
     /// Clears the leaf covering `gpa` under `table` (at `level`), freeing
     /// child tables left empty; returns how many bytes were covered (the
-    /// size of the leaf, or of the empty region skipped).
-    fn unmap_one(mem: &mut impl TableMemory, table: u64, level: u32, gpa: u64) -> u64 {
+    /// size of the leaf, or of the empty region skipped) and whether
+    /// `on_leaf` wants more.
+    fn unmap_one(
+        mem: &mut impl TableMemory,
+        table: u64,
+        level: u32,
+        gpa: u64,
+        on_leaf: &mut impl FnMut(u64, u64) -> bool,
+    ) -> (u64, bool) {
         let span = 1u64 << (12 + 9 * level);
         let i = index(gpa, level);
         let entry = mem.table(table)[i];
+        let rest = span - (gpa & (span - 1));
         if entry & RWX == 0 {
-            return span - (gpa & (span - 1));
+            return (rest, true);
         }
         if level == 0 || entry & LARGE_PAGE != 0 {
             mem.table(table)[i] = 0;
-            return span - (gpa & (span - 1));
+            return (rest, on_leaf(entry & ADDR_MASK, span));
         }
         let child = entry & ADDR_MASK;
-        let done = Self::unmap_one(mem, child, level - 1, gpa);
+        let result = Self::unmap_one(mem, child, level - 1, gpa, on_leaf);
         if mem.table(child).iter().all(|&e| e == 0) {
             mem.table(table)[i] = 0;
             mem.free_table(child);
         }
-        done
+        result
     }
 
     /// The host-physical address `gpa` maps to, if any.
@@ -149,54 +179,25 @@ impl Ept {
         None
     }
 
-    /// Frees every table, the root included.
-    pub fn destroy(self, mem: &mut impl TableMemory) {
-        fn free(mem: &mut impl TableMemory, table: u64, level: u32) {
-            if level > 0 {
-                for i in 0..512 {
-                    let e = mem.table(table)[i];
-                    if e & RWX != 0 && e & LARGE_PAGE == 0 {
-                        free(mem, e & ADDR_MASK, level - 1);
-                    }
+    /// Frees every table, the root included, calling `on_leaf(hpa, size)`
+    /// for each mapping still there. The caller flushes the TLBs first.
+    pub fn destroy(self, mem: &mut impl TableMemory, mut on_leaf: impl FnMut(u64, u64)) {
+        fn free(mem: &mut impl TableMemory, table: u64, level: u32, on_leaf: &mut impl FnMut(u64, u64)) {
+            for i in 0..512 {
+                let e = mem.table(table)[i];
+                if e & RWX == 0 {
+                    continue;
+                }
+                if level == 0 || e & LARGE_PAGE != 0 {
+                    on_leaf(e & ADDR_MASK, 1 << (12 + 9 * level));
+                } else {
+                    free(mem, e & ADDR_MASK, level - 1, on_leaf);
                 }
             }
             mem.free_table(table);
         }
-        free(mem, self.pml4, 3);
+        free(mem, self.pml4, 3, &mut on_leaf);
     }
-}
-
-/// How to map `npages` guest pages starting at `gpa` onto host pages whose
-/// physical addresses `hpa_of(i)` gives: 2 MiB mappings where both sides are
-/// 2 MiB-aligned and the 512 host pages are contiguous, 4 KiB elsewhere.
-/// Calls `emit(gpa, hpa, size)` for each mapping, in order.
-///
-/// # Errors
-/// The first error `emit` returns.
-pub fn plan_mappings<E>(
-    gpa: u64,
-    npages: u64,
-    hpa_of: impl Fn(u64) -> u64,
-    mut emit: impl FnMut(u64, u64, u64) -> Result<(), E>,
-) -> Result<(), E> {
-    let per_2m = SIZE_2M / SIZE_4K;
-    let mut i = 0;
-    while i < npages {
-        let g = gpa + i * SIZE_4K;
-        let h = hpa_of(i);
-        let large = g.is_multiple_of(SIZE_2M)
-            && h.is_multiple_of(SIZE_2M)
-            && i + per_2m <= npages
-            && (1..per_2m).all(|k| hpa_of(i + k) == h + k * SIZE_4K);
-        if large {
-            emit(g, h, SIZE_2M)?;
-            i += per_2m;
-        } else {
-            emit(g, h, SIZE_4K)?;
-            i += 1;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -275,13 +276,22 @@ mod tests {
         let mut ept = Ept::new(&mut mem).unwrap();
         ept.map(&mut mem, 0x1000, 0x2000, SIZE_4K).unwrap();
         ept.map(&mut mem, 0x40_0000, 0x4000_0000, SIZE_2M).unwrap();
-        ept.unmap(&mut mem, 0x1000, SIZE_4K);
+        let mut leaves = Vec::new();
+        ept.unmap(&mut mem, 0x1000, SIZE_4K, |h, s| {
+            leaves.push((h, s));
+            true
+        });
+        assert_eq!(leaves, [(0x2000, SIZE_4K)]);
         assert_eq!(ept.translate(&mut mem, 0x1000), None);
         assert_eq!(ept.translate(&mut mem, 0x40_0000), Some(0x4000_0000));
         assert_eq!(mem.tables.len(), 3, "the emptied page table is gone");
-        ept.unmap(&mut mem, 0, 1 << 30);
+        ept.unmap(&mut mem, 0, 1 << 30, |h, s| {
+            leaves.push((h, s));
+            true
+        });
+        assert_eq!(leaves[1..], [(0x4000_0000, SIZE_2M)]);
         assert_eq!(mem.tables.len(), 1, "only the root is left");
-        ept.destroy(&mut mem);
+        ept.destroy(&mut mem, |_, _| panic!("nothing is mapped"));
         assert!(mem.tables.is_empty());
     }
 
@@ -290,32 +300,65 @@ mod tests {
         let mut mem = FakeMemory { limit: Some(2), ..Default::default() };
         let mut ept = Ept::new(&mut mem).unwrap();
         assert_eq!(ept.map(&mut mem, 0, 0x1000, SIZE_4K), Err(EptError::NoMemory));
-        ept.destroy(&mut mem);
+        ept.destroy(&mut mem, |_, _| panic!("nothing is mapped"));
         assert!(mem.tables.is_empty());
     }
 
     #[test]
-    fn plan_uses_2m_pages_only_where_alignment_and_contiguity_allow() {
-        let mut out = Vec::new();
-        // 4 MiB at gpa 1 MiB, host contiguous from 0x4010_0000: the first
-        // 1 MiB is 4K pages until gpa reaches 2 MiB (host 0x4020_0000), then
-        // one 2 MiB page, then 4K pages for the last 1 MiB.
-        plan_mappings(0x10_0000, 1024, |i| 0x4010_0000 + i * SIZE_4K, |g, h, s| {
-            out.push((g, h, s));
-            Ok::<(), ()>(())
-        })
-        .unwrap();
-        let large: Vec<_> = out.iter().filter(|m| m.2 == SIZE_2M).collect();
-        assert_eq!(large, [&(0x20_0000, 0x4020_0000, SIZE_2M)]);
-        assert_eq!(out.len(), 256 + 1 + 256);
-        // Scattered host pages never make a 2 MiB page.
-        let mut n = 0;
-        plan_mappings(0, 512, |i| (511 - i) * SIZE_4K, |_, _, s| {
-            assert_eq!(s, SIZE_4K);
-            n += 1;
-            Ok::<(), ()>(())
-        })
-        .unwrap();
-        assert_eq!(n, 512);
+    fn destroy_names_every_page_still_mapped() {
+        let mut mem = FakeMemory::default();
+        let mut ept = Ept::new(&mut mem).unwrap();
+        ept.map(&mut mem, 0x1000, 0x2000, SIZE_4K).unwrap();
+        ept.map(&mut mem, 0x8000_0000, 0x3000, SIZE_4K).unwrap();
+        ept.map(&mut mem, 0x40_0000, 0x4000_0000, SIZE_2M).unwrap();
+        let mut leaves = Vec::new();
+        ept.destroy(&mut mem, |h, s| leaves.push((h, s)));
+        leaves.sort_unstable();
+        assert_eq!(leaves, [(0x2000, SIZE_4K), (0x3000, SIZE_4K), (0x4000_0000, SIZE_2M)]);
+        assert!(mem.tables.is_empty());
+    }
+
+    /// An unmap reaching past the 48 bits EPT covers must not wrap its table
+    /// indexes around to low addresses and remove what is mapped there.
+    #[test]
+    fn unmapping_beyond_48_bits_leaves_low_mappings_alone() {
+        let mut mem = FakeMemory::default();
+        let mut ept = Ept::new(&mut mem).unwrap();
+        ept.map(&mut mem, 0, 0x4000_0000, SIZE_2M).unwrap();
+        ept.map(&mut mem, GPA_LIMIT - SIZE_4K, 0x5000, SIZE_4K).unwrap();
+        let mut leaves = Vec::new();
+        let mut record = |h, s| {
+            leaves.push((h, s));
+            true
+        };
+        assert_eq!(ept.unmap(&mut mem, GPA_LIMIT - SIZE_4K, 16 * SIZE_2M, &mut record), None);
+        assert_eq!(ept.unmap(&mut mem, GPA_LIMIT, SIZE_2M, &mut record), None);
+        assert_eq!(ept.unmap(&mut mem, u64::MAX & !0xfff, u64::MAX, &mut record), None);
+        assert_eq!(leaves, [(0x5000, SIZE_4K)]);
+        assert_eq!(ept.translate(&mut mem, 0x1234), Some(0x4000_1234));
+    }
+
+    #[test]
+    fn an_unmap_stopped_by_its_caller_resumes_where_it_stopped() {
+        let mut mem = FakeMemory::default();
+        let mut ept = Ept::new(&mut mem).unwrap();
+        for i in 0..5 {
+            ept.map(&mut mem, i * SIZE_4K, 0x10_0000 + i * SIZE_4K, SIZE_4K).unwrap();
+        }
+        let mut leaves = Vec::new();
+        let mut at = Some(0);
+        let mut rounds = 0;
+        while let Some(gpa) = at {
+            let mut room = 2;
+            at = ept.unmap(&mut mem, gpa, 5 * SIZE_4K - gpa, |h, _| {
+                leaves.push(h);
+                room -= 1;
+                room > 0
+            });
+            rounds += 1;
+        }
+        assert_eq!(rounds, 3);
+        assert_eq!(leaves, (0..5).map(|i| 0x10_0000 + i * SIZE_4K).collect::<Vec<_>>());
+        assert_eq!(mem.tables.len(), 1, "the emptied tables are gone");
     }
 }

@@ -212,11 +212,44 @@ impl InterruptionInfo {
     pub fn is_nmi(self) -> bool {
         self.valid() && self.kind() == Self::NMI && self.vector() == 2
     }
+
+    /// Whether this reports a machine check (#MC, vector 18, a hardware
+    /// exception).
+    pub fn is_machine_check(self) -> bool {
+        self.valid() && self.kind() == Self::HARDWARE_EXCEPTION && self.vector() == 18
+    }
+}
+
+/// Whether an exit with `reason` and exit interruption information `info`
+/// was caused by a machine check, which belongs to the host: an #MC while
+/// the guest ran (intercepted through the exception bitmap) or during VM
+/// entry (basic reason 41, SDM Vol. 3C 27.8 "VM-Entry Failures During or
+/// After Loading Guest State").
+pub fn host_machine_check(reason: ExitReason, info: InterruptionInfo) -> bool {
+    match reason.basic() {
+        reason::MACHINE_CHECK => true,
+        reason::EXCEPTION_NMI => info.is_machine_check(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_checks_during_entry_or_in_the_guest_are_the_hosts() {
+        let mc = InterruptionInfo::new(18, InterruptionInfo::HARDWARE_EXCEPTION, false);
+        let entry_failure = ExitReason((1 << 31) | u32::from(reason::MACHINE_CHECK));
+        assert!(host_machine_check(entry_failure, InterruptionInfo(0)));
+        assert!(host_machine_check(ExitReason(0), mc));
+        // An NMI, a guest's own #DB, or vector 18 as a software interrupt
+        // (INT 18: type 4) are not.
+        assert!(!host_machine_check(ExitReason(0), InterruptionInfo::new(2, InterruptionInfo::NMI, false)));
+        assert!(!host_machine_check(ExitReason(0), InterruptionInfo::new(1, InterruptionInfo::HARDWARE_EXCEPTION, false)));
+        assert!(!host_machine_check(ExitReason(0), InterruptionInfo::new(18, 4, false)));
+        assert!(!host_machine_check(ExitReason(u32::from(reason::EPT_VIOLATION)), mc));
+    }
 
     #[test]
     fn io_qualification_fields() {

@@ -87,6 +87,13 @@ pub enum SlotError {
     Overlap,
 }
 
+/// The end of the guest-physical space for a host whose MAXPHYADDR
+/// (CPUID 80000008H:EAX[7:0]) is `host_phys_bits`: what the host can
+/// address, and at most what a 4-level EPT maps (48 bits).
+pub fn gpa_limit(host_phys_bits: u32) -> u64 {
+    1u64 << host_phys_bits.clamp(32, 48)
+}
+
 /// A VM's slots, indexed by slot id: fixed size, no allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotTable {
@@ -105,6 +112,11 @@ impl SlotTable {
         self.slots.iter().flatten()
     }
 
+    /// The slot with id `id`, if it is in use.
+    pub fn get(&self, id: u16) -> Option<&Slot> {
+        self.slots.get(usize::from(id))?.as_ref()
+    }
+
     /// The slot holding guest page frame `gfn`, if any.
     pub fn find(&self, gfn: u64) -> Option<&Slot> {
         self.iter().find(|s| s.contains(gfn))
@@ -112,11 +124,14 @@ impl SlotTable {
 
     /// Checks `req` against the slots in use and says what it changes.
     /// `user_limit` is the end of the user address space (`TASK_SIZE_MAX`):
-    /// the VMM's range must lie below it (KVM's `access_ok`).
+    /// the VMM's range must lie below it (KVM's `access_ok`). `gpa_limit`
+    /// is the end of the guest-physical space: a slot must end at or below
+    /// it (KVM's `kvm_mmu_max_gfn`, from the host's MAXPHYADDR: EPT cannot
+    /// map more; see [`gpa_limit`]).
     ///
     /// # Errors
     /// The [`SlotError`] KVM would return, in KVM's order of checks.
-    pub fn plan(&self, req: &Request, user_limit: u64) -> Result<Change, SlotError> {
+    pub fn plan(&self, req: &Request, user_limit: u64, gpa_limit: u64) -> Result<Change, SlotError> {
         use SlotError::{Invalid, Overlap};
         // rkvm supports no KVM_MEM_* flag (no dirty logging, no read-only
         // memory, no guest_memfd), and says so through KVM_CHECK_EXTENSION.
@@ -153,6 +168,11 @@ impl SlotTable {
             userspace_addr: req.userspace_addr,
             flags: req.flags,
         };
+        // Created or moved, the slot must fit the guest-physical space
+        // (kvm_arch_prepare_memory_region).
+        if new.end_gfn() > gpa_limit >> PAGE_SHIFT && !matches!(old, Some(o) if o.base_gfn == new.base_gfn) {
+            return Err(Invalid);
+        }
         let change = match old {
             None => Change::Create(new),
             Some(old) if old.userspace_addr != new.userspace_addr || old.npages != new.npages => {
@@ -187,6 +207,8 @@ mod tests {
     use super::*;
 
     const LIMIT: u64 = 0x0000_7fff_ffff_f000;
+    /// A host with a 39-bit MAXPHYADDR (the testbed's Bochs CPU).
+    const GPA: u64 = 1 << 39;
     const MIB: u64 = 1 << 20;
 
     fn req(slot: u32, gpa: u64, size: u64, hva: u64) -> Request {
@@ -196,14 +218,14 @@ mod tests {
     fn table(requests: &[Request]) -> SlotTable {
         let mut t = SlotTable::default();
         for r in requests {
-            let change = t.plan(r, LIMIT).expect("valid request");
+            let change = t.plan(r, LIMIT, GPA).expect("valid request");
             t.apply(change);
         }
         t
     }
 
     fn created(r: &Request) -> Slot {
-        match SlotTable::default().plan(r, LIMIT) {
+        match SlotTable::default().plan(r, LIMIT, GPA) {
             Ok(Change::Create(s)) => s,
             other => panic!("expected a new slot, got {other:?}"),
         }
@@ -228,42 +250,61 @@ mod tests {
             req(1 << 16, 0, MIB, 0x1000),                           // address space 1 (SMM)
             req(u32::from(MAX_SLOTS), 0, MIB, 0x1000),              // id out of range
             req(0, 0, MIB, LIMIT),                                  // beyond user space
-            req(0, !0xfff, 2 * PAGE_SIZE, 0x1000),       // gpa wraps around
+            req(0, !0xfff, 2 * PAGE_SIZE, 0x1000),                  // gpa wraps around
+            req(0, GPA, PAGE_SIZE, 0x1000),                         // beyond MAXPHYADDR
+            req(0, GPA - PAGE_SIZE, 2 * PAGE_SIZE, 0x1000),         // straddling it
+            req(0, 1 << 63, PAGE_SIZE, 0x1000),                     // far beyond
             req(0, 0, 1 << 44, 0x1000),                             // more than 2^31-1 pages
         ] {
-            assert_eq!(SlotTable::default().plan(&bad, LIMIT), Err(SlotError::Invalid), "{bad:?}");
+            assert_eq!(SlotTable::default().plan(&bad, LIMIT, GPA), Err(SlotError::Invalid), "{bad:?}");
         }
     }
 
     #[test]
     fn overlapping_slots_are_eexist_and_neighbours_are_fine() {
         let t = table(&[req(0, 0, 2 * MIB, 0x1000_0000)]);
-        assert_eq!(t.plan(&req(1, MIB, 2 * MIB, 0x2000_0000), LIMIT), Err(SlotError::Overlap));
-        assert!(matches!(t.plan(&req(1, 2 * MIB, MIB, 0x2000_0000), LIMIT), Ok(Change::Create(_))));
+        assert_eq!(t.plan(&req(1, MIB, 2 * MIB, 0x2000_0000), LIMIT, GPA), Err(SlotError::Overlap));
+        assert!(matches!(t.plan(&req(1, 2 * MIB, MIB, 0x2000_0000), LIMIT, GPA), Ok(Change::Create(_))));
     }
 
     #[test]
     fn size_zero_deletes_an_existing_slot_and_einval_otherwise() {
         let mut t = table(&[req(3, 0, MIB, 0x1000_0000)]);
-        assert_eq!(t.plan(&req(4, 0, 0, 0), LIMIT), Err(SlotError::Invalid));
-        let delete = t.plan(&req(3, 0, 0, 0), LIMIT);
+        assert_eq!(t.plan(&req(4, 0, 0, 0), LIMIT, GPA), Err(SlotError::Invalid));
+        let delete = t.plan(&req(3, 0, 0, 0), LIMIT, GPA);
         assert_eq!(delete, Ok(Change::Delete(3)));
         t.apply(delete.unwrap());
         assert_eq!(t.iter().count(), 0);
-        assert_eq!(t.plan(&req(3, 0, 0, 0), LIMIT), Err(SlotError::Invalid));
+        assert_eq!(t.plan(&req(3, 0, 0, 0), LIMIT, GPA), Err(SlotError::Invalid));
     }
 
     #[test]
     fn an_existing_slot_may_move_but_not_change_size_or_backing() {
         let mut t = table(&[req(0, 0, MIB, 0x1000_0000)]);
-        assert_eq!(t.plan(&req(0, 0, MIB, 0x1000_0000), LIMIT), Ok(Change::Nothing));
-        assert_eq!(t.plan(&req(0, 0, 2 * MIB, 0x1000_0000), LIMIT), Err(SlotError::Invalid));
-        assert_eq!(t.plan(&req(0, 0, MIB, 0x2000_0000), LIMIT), Err(SlotError::Invalid));
-        let moved = t.plan(&req(0, 4 * MIB, MIB, 0x1000_0000), LIMIT).unwrap();
+        assert_eq!(t.plan(&req(0, 0, MIB, 0x1000_0000), LIMIT, GPA), Ok(Change::Nothing));
+        assert_eq!(t.plan(&req(0, 0, 2 * MIB, 0x1000_0000), LIMIT, GPA), Err(SlotError::Invalid));
+        assert_eq!(t.plan(&req(0, 0, MIB, 0x2000_0000), LIMIT, GPA), Err(SlotError::Invalid));
+        let moved = t.plan(&req(0, 4 * MIB, MIB, 0x1000_0000), LIMIT, GPA).unwrap();
         assert!(matches!(moved, Change::Move { .. }));
         t.apply(moved);
         assert_eq!(t.find(0x400).map(|s| s.id), Some(0));
         assert_eq!(t.find(0), None);
+    }
+
+    #[test]
+    fn a_slot_may_end_at_the_top_of_the_guest_physical_space_but_not_move_beyond() {
+        let top = req(0, GPA - MIB, MIB, 0x1000_0000);
+        let t = table(&[top]);
+        let beyond = req(0, GPA, MIB, 0x1000_0000);
+        assert_eq!(t.plan(&beyond, LIMIT, GPA), Err(SlotError::Invalid));
+        assert_eq!(t.find(top.guest_phys_addr >> 12).map(|s| s.id), Some(0), "nothing changed");
+    }
+
+    #[test]
+    fn the_guest_physical_space_is_the_hosts_up_to_what_ept_maps() {
+        assert_eq!(gpa_limit(39), 1 << 39);
+        assert_eq!(gpa_limit(52), crate::ept::GPA_LIMIT);
+        assert_eq!(gpa_limit(0), 1 << 32, "a CPU that reports nothing still has 4 GiB");
     }
 
     #[test]
