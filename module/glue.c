@@ -30,6 +30,8 @@
 #include <linux/sched/signal.h>
 #include <linux/irqflags.h>
 #include <linux/io.h>
+#include <linux/mutex.h>
+#include <linux/ratelimit.h>
 #include <asm/desc.h>
 #include <asm/special_insns.h>
 #include <asm/gsseg.h>
@@ -90,6 +92,8 @@ unsigned long rkvm_task_size_max(void);
 unsigned int rkvm_tsc_khz(void);
 void rkvm_on_each_cpu(void (*fn)(void *), void *info);
 void rkvm_unregister_reboot(void);
+int rkvm_mutex_lock_killable(struct mutex *m);
+bool rkvm_ratelimit(void);
 
 /*
  * Fault injection for the testbed: VMXON "fails" on this CPU, so that the
@@ -272,6 +276,25 @@ unsigned int rkvm_tsc_khz(void)
 void rkvm_on_each_cpu(void (*fn)(void *), void *info)
 {
 	on_each_cpu(fn, info, 1);
+}
+
+/* A function, so that it works with and without lockdep (where
+ * mutex_lock_killable is a macro). */
+int rkvm_mutex_lock_killable(struct mutex *m)
+{
+	return mutex_lock_killable(m);
+}
+
+/*
+ * Messages a VMM or a guest can cause (a failed VM entry, ...) go through
+ * this limit, so that no process can flood the kernel log: 10 per 5 s, as
+ * printk_ratelimited's default.
+ */
+bool rkvm_ratelimit(void)
+{
+	static DEFINE_RATELIMIT_STATE(rs, DEFAULT_RATELIMIT_INTERVAL, DEFAULT_RATELIMIT_BURST);
+
+	return __ratelimit(&rs);
 }
 
 /* The /dev/rkvm device: root only (0600), like /dev/kvm's default. */

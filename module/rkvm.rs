@@ -46,6 +46,22 @@ module! {
 struct Rkvm {
     _dev: dev::Device,
     _vmx: vmx::VmxHost,
+    _mitigations: glue::cpu::MitigationsInForce,
+    _debugfs: glue::mm::Debugfs,
+}
+
+impl Drop for Rkvm {
+    fn drop(&mut self) {
+        // Every VM and vCPU file pins the module, so by now all of them are
+        // gone, and with them every page they held: anything left is a leak.
+        use glue::mm::{counter, Counter};
+        for c in [Counter::GuestPagesHeld, Counter::EptTablePages, Counter::Vms, Counter::Vcpus] {
+            let n = counter(c);
+            if n != 0 {
+                pr_err!("unloading with {n} left in {c:?}: a leak\n");
+            }
+        }
+    }
 }
 
 impl kernel::Module for Rkvm {
@@ -60,9 +76,11 @@ impl kernel::Module for Rkvm {
             return Err(ENODEV);
         }
         fpu::probe();
+        let mitigations = glue::cpu::MitigationsInForce::decide()?;
         let vmx = vmx::VmxHost::enable(caps)?;
         pr_info!("VMX root operation on {} CPUs; {}\n", vmx.cpus_in_vmx(), vmx.caps());
+        let debugfs = glue::mm::Debugfs::create();
         let dev = dev::Device::register()?;
-        Ok(Rkvm { _dev: dev, _vmx: vmx })
+        Ok(Rkvm { _dev: dev, _vmx: vmx, _mitigations: mitigations, _debugfs: debugfs })
     }
 }

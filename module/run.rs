@@ -23,6 +23,7 @@ use x86::vmx::vmcs::ro;
 use rkvm_core::exit::{ExitReason, InterruptionInfo};
 
 use crate::exit::{self, ExitAction};
+use crate::glue::cpu::Mitigations;
 use crate::glue::{self, PreemptDisabled};
 use crate::kvm_abi::*;
 use crate::vcpu::{GuestState, Vcpu, VcpuState};
@@ -30,6 +31,17 @@ use crate::vmx::entry::{self, EntryResult};
 use crate::vmx::guest_state as gs;
 use crate::vmx::insn;
 use crate::vmx::vmcs::LoadedVmcs;
+
+/// What this CPU's host needs back after each exit, read once per
+/// KVM_RUN.
+struct HostCpu {
+    /// IA32_DEBUGCTL (a VM exit clears it).
+    debugctl: u64,
+    /// The VM entry/exit mitigations in force.
+    mitigations: Mitigations,
+    /// IA32_SPEC_CTRL to write back after exits, where the kernel needs it.
+    spec_ctrl: u64,
+}
 
 /// Why the inner loop stopped.
 enum Stop {
@@ -73,7 +85,7 @@ pub(crate) fn run_struct(vcpu: &Vcpu) -> *mut kvm_run {
 impl Vcpu {
     /// KVM_RUN.
     pub(crate) fn run(&self) -> Result<isize> {
-        let mut state = self.state.lock();
+        let mut state = self.state.lock_killable()?;
         let run = run_struct(self);
         let result = self.run_locked(&mut state, run);
         // Where the guest stands, on every way out (an interrupted run
@@ -135,6 +147,12 @@ impl Vcpu {
     fn run_on_this_cpu(&self, state: &mut VcpuState, request_window: bool) -> Result<Stop> {
         let cpu = PreemptDisabled::new();
         let host = cpu.host_state();
+        let mitigations = glue::cpu::mitigations();
+        let host_cpu = HostCpu {
+            debugctl: glue::cpu::host_debugctl(),
+            mitigations,
+            spec_ctrl: if mitigations.has(Mitigations::SPEC_CTRL_RESTORE) { glue::cpu::host_spec_ctrl() } else { 0 },
+        };
         let VcpuState { vmcs, g } = state;
         let mut loaded = vmcs.load(&cpu)?;
         let fpu = crate::fpu::GuestFpu::load(&g.fpu);
@@ -159,7 +177,7 @@ impl Vcpu {
             if unsafe { insn::invept_single_context(self.vm.eptp()) }.is_err() {
                 pr_err!("INVEPT failed\n");
             }
-            self.inner_loop(&mut loaded, g, &fpu, request_window, &cpu)
+            self.inner_loop(&mut loaded, g, &fpu, request_window, &cpu, &host_cpu)
         })();
         // Save what the guest changed, whatever happened.
         g.regs = gs::read_regs(&loaded, &g.gprs);
@@ -181,6 +199,7 @@ impl Vcpu {
         fpu: &crate::fpu::GuestFpu,
         request_window: bool,
         cpu: &PreemptDisabled,
+        host_cpu: &HostCpu,
     ) -> Result<Stop> {
         let run = run_struct(self);
         // A 1 ms time slice in VMX-preemption-timer units (SDM 26.5.1: the
@@ -204,9 +223,16 @@ impl Vcpu {
             }
             write_cr2(g.sregs.cr2);
             fpu.enter(g.xcr0);
+            if host_cpu.mitigations.has(Mitigations::L1D_FLUSH) {
+                glue::cpu::l1d_flush();
+            }
             // SAFETY: interrupts and preemption are off; the VMCS is loaded
-            // here with host state for this CPU and checked guest state.
-            let result = unsafe { entry::enter(&mut g.gprs, vmcs.launched) };
+            // here with host state for this CPU and checked guest state;
+            // the mitigations are the ones decided for this CPU.
+            let result = unsafe { entry::enter(&mut g.gprs, vmcs.launched, host_cpu.mitigations, host_cpu.spec_ctrl) };
+            // The exit left DR7 at 0x400 and DEBUGCTL at 0: the host's
+            // breakpoints come back before anything else runs.
+            glue::cpu::restore_host_debug(host_cpu.debugctl);
             fpu.exit(g.xcr0);
             g.sregs.cr2 = read_cr2();
             if result == EntryResult::Exited {
@@ -216,6 +242,11 @@ impl Vcpu {
                 if reason.basic() == rkvm_core::exit::reason::EXCEPTION_NMI && info.is_nmi() {
                     // SAFETY: interrupts are off and the exit was an NMI.
                     unsafe { entry::handle_host_nmi() };
+                }
+                if rkvm_core::exit::host_machine_check(reason, info) {
+                    // SAFETY: interrupts are off and the exit was a
+                    // machine check (#MC intercepted, or during entry).
+                    unsafe { glue::cpu::machine_check() };
                 }
             }
             // Host interrupts that arrived while the guest ran (they caused
@@ -246,7 +277,11 @@ impl Vcpu {
                 EntryResult::Exited => exit::handle(exit::ExitContext { vcpu: self, vmcs: &mut *vmcs, g: &mut *g })?,
                 EntryResult::FailInvalid | EntryResult::FailValid => {
                     let error = vmcs.read(ro::VM_INSTRUCTION_ERROR);
-                    pr_warn!("VM entry failed: VM-instruction error {error}\n");
+                    // A VMM can make every KVM_RUN fail this way: the log
+                    // is rate-limited, the VMM hears of it in kvm_run.
+                    if glue::ratelimit() {
+                        pr_warn!("VM entry failed: VM-instruction error {error}\n");
+                    }
                     // SAFETY: our run page.
                     unsafe {
                         (*run).exit_reason = KVM_EXIT_FAIL_ENTRY;

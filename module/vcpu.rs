@@ -4,7 +4,8 @@
 //! handlers in `exit/`.
 //!
 //! Context: ioctls run in the VMM's process context and may sleep; the
-//! vCPU's mutex serializes them, as KVM's `vcpu->mutex` does.
+//! vCPU's mutex serializes them, as KVM's `vcpu->mutex` does, and waiting
+//! for it is killable, as there.
 
 use kernel::alloc::{KBox, KVec};
 use kernel::bindings;
@@ -13,9 +14,8 @@ use kernel::error::{
     code::{EINVAL, ENOTTY},
     Result,
 };
-use kernel::new_mutex;
 use kernel::prelude::*;
-use kernel::sync::{Arc, ArcBorrow, Mutex};
+use kernel::sync::{Arc, ArcBorrow};
 use kernel::types::{AsBytes, FromBytes};
 use kernel::uaccess::UserSlice;
 
@@ -27,6 +27,8 @@ use crate::msrs;
 use rkvm_core::events::{EventState, VcpuEvents};
 use rkvm_core::guest_msr::{GuestMsrs, MsrFeatures};
 use crate::glue;
+use crate::glue::mm::{Counted, Counter};
+use crate::glue::sync::{new_killable_mutex, KillableMutex};
 use crate::kvm_abi::*;
 use crate::mm::Page;
 use crate::vm::Vm;
@@ -50,6 +52,8 @@ static VCPU_FOPS: FileOps = FileOps::new::<Vcpu>(&crate::THIS_MODULE);
 pub(crate) struct PendingIn {
     /// 1, 2 or 4 bytes.
     pub(crate) size: u8,
+    /// RIP after the IN: the data goes in only if it is still there.
+    pub(crate) rip: u64,
 }
 
 /// What the vCPU's mutex protects: the VMCS, and everything else about the
@@ -133,7 +137,8 @@ pub(crate) struct Vcpu {
     /// Exit counts, for KVM_GET_STATS_FD.
     pub(crate) exit_stats: crate::stats::ExitStats,
     #[pin]
-    pub(crate) state: Mutex<VcpuState>,
+    pub(crate) state: KillableMutex<VcpuState>,
+    _counted: Counted,
 }
 
 /// A segment in the state KVM gives a vCPU at reset.
@@ -214,7 +219,8 @@ impl Vcpu {
                 run_page,
                 pio_page,
                 exit_stats: crate::stats::ExitStats::new(),
-                state <- new_mutex!(state, "rkvm_vcpu"),
+                state <- new_killable_mutex!(state, "rkvm_vcpu"),
+                _counted: Counted::new(Counter::Vcpus),
             }),
             GFP_KERNEL,
         )?;
@@ -240,7 +246,7 @@ impl Vcpu {
             cs_l: sregs.cs.l != 0,
         };
         control.validate(GUEST_PHYS_ADDR_BITS).map_err(|_| EINVAL)?;
-        let mut state = self.state.lock();
+        let mut state = self.state.lock_killable()?;
         // As KVM: CR4 bits the guest's CPUID does not offer, or an APIC
         // base the MSR would refuse, fail the ioctl.
         if sregs.cr4 & x86::controlregs::Cr4::CR4_ENABLE_OS_XSAVE.bits() as u64 != 0
@@ -274,7 +280,7 @@ impl Vcpu {
         let entry_size = core::mem::size_of::<kvm_msr_entry>();
         let mut reader = UserSlice::new(arg, 8 + nmsrs as usize * entry_size).reader();
         reader.skip(8)?;
-        let mut state = self.state.lock();
+        let mut state = self.state.lock_killable()?;
         let GuestState { msrs: kept, msr_features, sregs, dirty, .. } = &mut state.g;
         let mut done = 0;
         for i in 0..nmsrs as usize {
@@ -351,7 +357,7 @@ impl Vcpu {
         if control & !supported != 0 {
             return Err(EINVAL);
         }
-        let mut state = self.state.lock();
+        let mut state = self.state.lock_killable()?;
         let was_stepping = state.g.single_stepping();
         state.g.guest_debug = if control & KVM_GUESTDBG_ENABLE != 0 { control } else { 0 };
         if state.g.single_stepping() {
@@ -375,7 +381,7 @@ impl Vcpu {
         if crate::fpu::host_xcr0().is_some() {
             xcrs.nr_xcrs = 1;
             xcrs.xcrs[0].xcr = 0;
-            xcrs.xcrs[0].value = self.state.lock().g.xcr0;
+            xcrs.xcrs[0].value = self.state.lock_killable()?.g.xcr0;
         }
         Self::get(arg, &xcrs)
     }
@@ -391,7 +397,7 @@ impl Vcpu {
         if crate::fpu::host_xcr0().is_none() || xcrs.flags != 0 || xcrs.nr_xcrs > MAX_XCRS {
             return Err(EINVAL);
         }
-        let mut state = self.state.lock();
+        let mut state = self.state.lock_killable()?;
         if let Some(x) = xcrs.xcrs[..xcrs.nr_xcrs as usize].iter().find(|x| x.xcr == 0) {
             let allowed = crate::exit::xsetbv::allowed_xcr0(&state.g.cpuid);
             if !rkvm_core::xsave::valid_xcr0(x.value, allowed) {
@@ -407,11 +413,14 @@ impl FileObject for Vcpu {
     const NAME: &'static CStr = c_str!("kvm-vcpu");
 
     fn ioctl(this: ArcBorrow<'_, Self>, cmd: u32, arg: usize) -> Result<isize> {
+        // Only the VM's own process, and every wait for the vCPU killable
+        // (a vCPU may run a guest that never exits by itself).
+        this.vm.check_caller()?;
         match cmd {
             KVM_RUN if arg == 0 => this.run(),
             KVM_RUN => Err(EINVAL),
             KVM_GET_REGS => {
-                let state = this.state.lock();
+                let state = this.state.lock_killable()?;
                 let mut regs = state.g.regs;
                 if state.g.single_stepping() {
                     // The TF rkvm set is not the guest's (exit/debug.rs).
@@ -421,7 +430,7 @@ impl FileObject for Vcpu {
             }
             KVM_SET_REGS => {
                 let mut regs: kvm_regs = Self::read(arg)?;
-                let mut state = this.state.lock();
+                let mut state = this.state.lock_killable()?;
                 if state.g.single_stepping() {
                     regs.rflags |= RFLAGS_TF;
                 }
@@ -430,7 +439,7 @@ impl FileObject for Vcpu {
                 Ok(0)
             }
             KVM_GET_SREGS => {
-                let state = this.state.lock();
+                let state = this.state.lock_killable()?;
                 Self::get(arg, &kvm_sregs { apic_base: state.g.msrs.apic_base, ..state.g.sregs })
             }
             KVM_SET_SREGS => this.set_sregs(arg),
@@ -439,17 +448,17 @@ impl FileObject for Vcpu {
                 // As KVM without an in-kernel irqchip: one queued vector; a
                 // new one replaces it.
                 let vector = u8::try_from(irq.irq).map_err(|_| EINVAL)?;
-                this.state.lock().g.events.pending_irq = Some(vector);
+                this.state.lock_killable()?.g.events.pending_irq = Some(vector);
                 Ok(0)
             }
             KVM_NMI => {
-                this.state.lock().g.events.nmi_pending = true;
+                this.state.lock_killable()?.g.events.nmi_pending = true;
                 Ok(0)
             }
-            KVM_GET_VCPU_EVENTS => Self::get(arg, &events_to_kvm(&this.state.lock().g.events.to_kvm())),
+            KVM_GET_VCPU_EVENTS => Self::get(arg, &events_to_kvm(&this.state.lock_killable()?.g.events.to_kvm())),
             KVM_SET_VCPU_EVENTS => {
                 let events: kvm_vcpu_events = Self::read(arg)?;
-                this.state.lock().g.events.set_from_kvm(&events_from_kvm(&events)).map_err(|_| EINVAL)?;
+                this.state.lock_killable()?.g.events.set_from_kvm(&events_from_kvm(&events)).map_err(|_| EINVAL)?;
                 Ok(0)
             }
             KVM_GET_STATS_FD => crate::stats::open(this),
@@ -461,29 +470,29 @@ impl FileObject for Vcpu {
             }
             KVM_GET_MSRS => this.msr_ioctl(arg, false),
             KVM_SET_MSRS => this.msr_ioctl(arg, true),
-            KVM_GET_FPU => Self::get(arg, &this.state.lock().g.fpu.to_kvm()),
+            KVM_GET_FPU => Self::get(arg, &this.state.lock_killable()?.g.fpu.to_kvm()),
             KVM_SET_FPU => {
                 let fpu: kvm_fpu = Self::read(arg)?;
-                this.state.lock().g.fpu.set_from_kvm(&fpu)?;
+                this.state.lock_killable()?.g.fpu.set_from_kvm(&fpu)?;
                 Ok(0)
             }
             KVM_GET_XSAVE => {
                 let mut buf = xsave_buffer()?;
-                this.state.lock().g.fpu.to_uabi(&mut buf);
+                this.state.lock_killable()?.g.fpu.to_uabi(&mut buf);
                 UserSlice::new(arg, buf.len()).writer().write_slice(&buf[..])?;
                 Ok(0)
             }
             KVM_SET_XSAVE => {
                 let mut buf = xsave_buffer()?;
                 UserSlice::new(arg, buf.len()).reader().read_slice(&mut buf[..])?;
-                this.state.lock().g.fpu.set_from_uabi(&buf)?;
+                this.state.lock_killable()?.g.fpu.set_from_uabi(&buf)?;
                 Ok(0)
             }
             KVM_GET_XCRS => this.get_xcrs(arg),
             KVM_SET_XCRS => this.set_xcrs(arg),
             KVM_SET_CPUID2 => {
                 let table = crate::cpuid::read_table(arg)?;
-                let mut state = this.state.lock();
+                let mut state = this.state.lock_killable()?;
                 let state = &mut state.g;
                 state.msr_features = MsrFeatures::from_cpuid(&table);
                 msrs::build_bitmap(&mut state.msr_bitmap, state.msr_area.switches_tsc_aux(), &state.msr_features);

@@ -35,9 +35,13 @@ const DR6_ACTIVE_LOW: u64 = 0xffff_0ff0;
 /// DR6.BS: the #DB was a single-step trap.
 const DR6_BS: u64 = 1 << 14;
 
-/// At the start of a run: intercept #DB and #BP as the VMM asked.
+/// At the start of a run: intercept #DB and #BP as the VMM asked, and #MC
+/// always: a machine check while the guest runs is the host's, and without
+/// the intercept the CPU would deliver it through the guest's IDT (SDM Vol.
+/// 3C, 26.2; KVM intercepts it too).
 pub(crate) fn load(vmcs: &mut LoadedVmcs<'_>, g: &GuestState) -> Result {
-    let mut bitmap = 0u64;
+    const MC: u64 = 1 << 18;
+    let mut bitmap = MC;
     if g.single_stepping() {
         bitmap |= 1 << 1;
     }

@@ -37,15 +37,18 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
     }
     let size = usize::from(io.size);
     let pio = ctx.vcpu.pio_page.as_ptr().cast_mut();
-    if io.is_in {
-        ctx.g.pending_in = Some(PendingIn { size: io.size });
-    } else {
+    if !io.is_in {
         let value = ctx.g.gprs.0[0].to_le_bytes();
         // SAFETY: the PIO page is ours (4 KiB); `size` is at most 4.
         unsafe { core::ptr::copy_nonoverlapping(value.as_ptr(), pio, size) };
     }
     report(ctx.run(), &io, 1);
     ctx.skip_instruction()?;
+    if io.is_in {
+        // The data goes into RAX at the next KVM_RUN if RIP is still just
+        // past the IN then.
+        ctx.g.pending_in = Some(PendingIn { size: io.size, rip: ctx.vmcs.read(x86::vmx::vmcs::guest::RIP) });
+    }
     Ok(ExitAction::ToUser)
 }
 
@@ -67,8 +70,12 @@ pub(crate) fn report(run: *mut kvm_run, io: &IoQualification, count: u32) {
 
 /// Moves the VMM's data for the last IN into the guest's accumulator: AL and
 /// AX merge into RAX, EAX zero-extends (as KVM's complete_fast_pio_in).
+/// Nothing if the VMM moved RIP meanwhile (KVM drops the completion then).
 pub(crate) fn complete_pending_in(vcpu: &Vcpu, state: &mut VcpuState) {
-    let Some(PendingIn { size }) = state.g.pending_in.take() else { return };
+    let Some(PendingIn { size, rip }) = state.g.pending_in.take() else { return };
+    if state.g.regs.rip != rip {
+        return;
+    }
     let mut bytes = [0u8; 8];
     // SAFETY: the PIO page is ours; the VMM may be writing it concurrently,
     // which only changes the value the guest reads.

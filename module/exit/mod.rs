@@ -21,6 +21,7 @@ use rkvm_core::exit::{reason, ExitReason, InterruptionInfo};
 
 use crate::glue;
 use crate::kvm_abi::*;
+use crate::memory::Fault;
 use crate::run::run_struct;
 use crate::vcpu::{GuestState, Vcpu};
 use crate::vmx::vmcs::LoadedVmcs;
@@ -131,6 +132,8 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
             match info.vector() {
                 // Intercepted only while the VMM debugs the guest.
                 1 | 3 if !info.is_nmi() => debug::exception(&mut ctx, info.vector()),
+                // NMIs and machine checks were the host's, and were handed
+                // to it right after the exit (run.rs).
                 _ => Ok(ExitAction::Resume),
             }
         }
@@ -149,12 +152,7 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
             Ok(ExitAction::ToUser)
         }
         reason::CPUID => cpuid(&mut ctx),
-        // The guest touched a guest-physical address EPT does not map: no
-        // slot covers it (slots are mapped whole), so it is MMIO.
-        reason::EPT_VIOLATION => Ok(ExitAction::Slow(slow::SlowExit::Mmio {
-            gpa: ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL),
-            fetch: rkvm_core::exit::EptViolation::decode(ctx.vmcs.read(ro::EXIT_QUALIFICATION)).fetch,
-        })),
+        reason::EPT_VIOLATION => ept_violation(&mut ctx, exit),
         reason::IO_INSTRUCTION => io::handle(&mut ctx),
         reason::CR_ACCESS => cr::handle(&mut ctx),
         reason::DR_ACCESS => dr::handle(&mut ctx),
@@ -179,6 +177,41 @@ pub(crate) fn handle(mut ctx: ExitContext<'_, '_>) -> Result<ExitAction> {
         reason::VMCALL..=reason::VMXON | reason::INVEPT | reason::INVVPID => ctx.inject_ud(),
         _ => unexpected(&mut ctx, exit),
     }
+}
+
+/// The guest touched a guest-physical address the EPT does not map (SDM
+/// 29.3.3.2): guest RAM not mapped yet (rkvm maps pages on first use:
+/// memory.rs), or no slot at all, which is MMIO for the VMM.
+fn ept_violation(ctx: &mut ExitContext<'_, '_>, exit: ExitReason) -> Result<ExitAction> {
+    let gpa = ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL);
+    match ctx.vcpu.vm.memory().map_fast(gpa) {
+        Fault::Mapped => return Ok(ExitAction::Resume),
+        Fault::NeedsSleep => return Ok(ExitAction::Slow(slow::SlowExit::MapRam { gpa })),
+        Fault::NotRam => {}
+    }
+    let qualification = ctx.vmcs.read(ro::EXIT_QUALIFICATION);
+    let vectoring = ctx.vmcs.read(ro::IDT_VECTORING_INFO);
+    if InterruptionInfo(vectoring as u32).valid() {
+        // The access was part of delivering an event (the IDT, a stack or
+        // a TSS in MMIO): the instruction at RIP did not make it, so there
+        // is nothing to emulate. KVM reports this the same way
+        // (KVM_INTERNAL_ERROR_DELIVERY_EV with these data words).
+        let run = ctx.run();
+        // SAFETY: our run page; the union member matches the exit reason.
+        unsafe {
+            (*run).exit_reason = KVM_EXIT_INTERNAL_ERROR;
+            let internal = &mut (*run).__bindgen_anon_1.internal;
+            internal.suberror = KVM_INTERNAL_ERROR_DELIVERY_EV;
+            internal.ndata = 5;
+            internal.data[0] = vectoring;
+            internal.data[1] = exit.0.into();
+            internal.data[2] = qualification;
+            internal.data[3] = gpa;
+            internal.data[4] = glue::this_cpu().into();
+        }
+        return Ok(ExitAction::ToUser);
+    }
+    Ok(ExitAction::Slow(slow::SlowExit::Mmio { gpa, fetch: rkvm_core::exit::EptViolation::decode(qualification).fetch }))
 }
 
 /// CPUID: answered from the table KVM_SET_CPUID2 set (zeros for a leaf it

@@ -1,32 +1,46 @@
-//! Exits that need guest memory, finished after the VMCS is put away and
-//! preemption is enabled again (reading guest memory takes the VM's mutex,
-//! which may sleep). The guest's registers are then in `kvm_regs` and
-//! `kvm_sregs`, and changes to them are written back at the next entry.
+//! Exits that need guest memory or may sleep, finished after the VMCS is
+//! put away and preemption is enabled again. The guest's registers are then
+//! in `kvm_regs` and `kvm_sregs`, and changes to them are written back at
+//! the next entry.
 //!
-//! INS and OUTS (with or without REP) become KVM_EXIT_IO with `count`
-//! elements in the PIO page, as KVM does: at most a page of data per exit;
-//! RSI/RDI and RCX advance by what was transferred, and RIP moves past the
-//! instruction only when RCX reaches 0 (otherwise it runs again).
+//! - A guest access to RAM not yet in the EPT, whose page the VMM has not
+//!   touched yet: the page is faulted into the VMM and mapped
+//!   (`GuestMemory::map`), and the guest retries the access.
+//! - INS and OUTS (with or without REP) become KVM_EXIT_IO with `count`
+//!   elements in the PIO page, as KVM does: at most a page of data per
+//!   exit; RSI/RDI and RCX advance by what was transferred, and RIP moves
+//!   past the instruction only when RCX reaches 0 (otherwise it runs
+//!   again); a batch stays within one page of guest memory. The memory
+//!   operands go through the guest's page tables with the access rights
+//!   the CPU would check, so a guest's user process with I/O permission
+//!   gets #PF where the CPU would give it one.
+//! - An access to a guest-physical address outside every slot (an EPT
+//!   violation) is MMIO: the instruction at RIP is fetched through the
+//!   guest's page tables and, if it is a plain MOV (rkvm_core::decode),
+//!   becomes KVM_EXIT_MMIO; a load completes at the next KVM_RUN with the
+//!   VMM's data. Any other instruction is KVM_EXIT_INTERNAL_ERROR
+//!   (emulation failure).
 //!
-//! An access to a guest-physical address outside every slot (an EPT
-//! violation) is MMIO: the instruction at RIP is fetched through the guest's
-//! page tables and, if it is a plain MOV (rkvm_core::decode), becomes
-//! KVM_EXIT_MMIO; a load completes at the next KVM_RUN with the VMM's data.
-//! Any other instruction is KVM_EXIT_INTERNAL_ERROR (emulation failure).
+//! What the VMM supplies for an IN, INS or MMIO load is taken at the next
+//! KVM_RUN only if the registers the instruction uses are as the exit left
+//! them. A VMM that changed them meanwhile (KVM_SET_REGS) has moved the
+//! guest on: the data is dropped and the guest runs from its new state (an
+//! INS still at RIP simply executes again and exits again), as KVM drops a
+//! completion whose RIP changed (`complete_fast_pio_in`).
 //!
-//! Context: process context, vCPU mutex held; takes the VM mutex.
+//! Context: process context, vCPU mutex held; may sleep.
 
 use kernel::error::{code::EFAULT, Result};
 
-use rkvm_core::decode::{self, Access, CodeSize, Reg};
+use rkvm_core::decode::{self, Access as MovAccess, CodeSize, Reg};
 use rkvm_core::exit::IoQualification;
-use rkvm_core::walk::{self, GuestPhysical, PagingState};
+use rkvm_core::walk::{self, Access, GuestPhysical, PagingState, WalkError};
 
 use crate::kvm_abi::*;
+use crate::memory::GuestMemory;
 use crate::mm::PAGE_SIZE;
 use crate::run::run_struct;
 use crate::vcpu::{Vcpu, VcpuState};
-use crate::vm::VmMemoryView;
 
 /// What the atomic part captured from the VMCS.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +54,8 @@ pub(crate) enum SlowExit {
         address_bits: u32,
         instruction_len: u64,
     },
+    /// Guest RAM whose page must be faulted into the VMM first.
+    MapRam { gpa: u64 },
     /// An access outside every slot.
     Mmio {
         gpa: u64,
@@ -54,6 +70,8 @@ pub(crate) struct PendingMmioLoad {
     reg: Reg,
     size: u8,
     len: u8,
+    /// RIP of the MOV: the load completes only if it is still there.
+    rip: u64,
 }
 
 /// An INS whose data the VMM supplies in the PIO page before the next
@@ -67,9 +85,15 @@ pub(crate) struct PendingStringIn {
     address_bits: u32,
     rep: bool,
     instruction_len: u64,
+    /// RIP, RCX and RDI as the exit left them: the data goes in only if
+    /// the VMM did not change them.
+    rip: u64,
+    rcx: u64,
+    rdi: u64,
 }
 
 const RFLAGS_DF: u64 = 1 << 10;
+const RFLAGS_AC: u64 = 1 << 18;
 
 fn mask(bits: u32) -> u64 {
     if bits == 64 { u64::MAX } else { (1 << bits) - 1 }
@@ -89,11 +113,13 @@ fn paging(sregs: &kvm_sregs) -> PagingState {
     PagingState { cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer }
 }
 
-/// Guest memory through the VM's slots, for the page walk.
-impl GuestPhysical for VmMemoryView<'_> {
+/// Guest memory for the page walk.
+struct Ram<'a>(&'a GuestMemory);
+
+impl GuestPhysical for Ram<'_> {
     fn read_u64(&mut self, gpa: u64) -> Option<u64> {
         let mut b = [0u8; 8];
-        self.read(gpa, &mut b).ok()?;
+        self.0.read(gpa, &mut b).ok()?;
         Some(u64::from_le_bytes(b))
     }
 }
@@ -101,8 +127,8 @@ impl GuestPhysical for VmMemoryView<'_> {
 /// Why an emulated access to guest-linear memory failed.
 #[derive(Debug, Clone, Copy)]
 enum CopyError {
-    /// The guest's page tables do not map `linear`: the guest gets #PF.
-    PageFault { linear: u64 },
+    /// The guest's page tables refuse the access: the guest gets #PF.
+    PageFault { linear: u64, error_code: u32 },
     /// The page tables or the page are outside guest RAM: KVM_RUN fails
     /// with EFAULT, as KVM's emulator does for such accesses.
     Efault,
@@ -114,18 +140,29 @@ impl From<CopyError> for kernel::error::Error {
     }
 }
 
+/// The access rights a guest instruction's own access has: user-mode at
+/// CPL 3 (SS.DPL is the CPL, SDM Vol. 3C 26.3.1.2), RFLAGS.AC for SMAP.
+fn access_of(state: &VcpuState, write: bool, fetch: bool) -> Access {
+    Access {
+        write,
+        fetch,
+        user: state.g.sregs.ss.dpl == 3,
+        ac: state.g.regs.rflags & RFLAGS_AC != 0,
+    }
+}
+
 /// Copies between guest-linear memory and `buf`, byte by byte through the
-/// guest's page tables.
-fn copy_linear(mem: &mut VmMemoryView<'_>, sregs: &kvm_sregs, linear: u64, buf: &mut [u8], to_guest: bool) -> Result<(), CopyError> {
+/// guest's page tables, with `access`'s rights checked on every byte.
+fn copy_linear(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64, buf: &mut [u8], access: Access) -> Result<(), CopyError> {
     let p = paging(sregs);
     for (i, b) in buf.iter_mut().enumerate() {
         let address = linear.wrapping_add(i as u64);
-        let gpa = walk::translate(mem, &p, address).map_err(|e| match e {
-            walk::WalkError::NotPresent => CopyError::PageFault { linear: address },
-            walk::WalkError::OutsideRam => CopyError::Efault,
+        let gpa = walk::translate(&mut Ram(mem), &p, address, access).map_err(|e| match e {
+            WalkError::PageFault { error_code } => CopyError::PageFault { linear: address, error_code },
+            WalkError::OutsideRam => CopyError::Efault,
         })?;
         let mut one = [*b];
-        if to_guest {
+        if access.write {
             mem.write(gpa, &one).map_err(|_| CopyError::Efault)?;
         } else {
             mem.read(gpa, &mut one).map_err(|_| CopyError::Efault)?;
@@ -135,16 +172,14 @@ fn copy_linear(mem: &mut VmMemoryView<'_>, sregs: &kvm_sregs, linear: u64, buf: 
     Ok(())
 }
 
-/// Raises #PF in the guest for an emulated access to `linear` that its page
-/// tables do not map (SDM Vol. 3A, 5.7: CR2 = the address; error code P=0,
-/// W/R = the access, U/S = CPL 3). The instruction does not complete: the
-/// guest's handler sees RIP at it, as for a fault on real hardware.
-fn inject_page_fault(state: &mut VcpuState, linear: u64, write: bool) {
-    let user = state.g.sregs.ss.dpl == 3;
-    let code = (u32::from(write) << 1) | (u32::from(user) << 2);
+/// Raises #PF in the guest for an emulated access the guest's page tables
+/// refuse (SDM Vol. 3A, 5.7: CR2 = the address, the error code the walk
+/// computed). The instruction does not complete: the guest's handler sees
+/// RIP at it, as for a fault on real hardware.
+fn inject_page_fault(state: &mut VcpuState, linear: u64, error_code: u32) {
     let info = rkvm_core::exit::InterruptionInfo::new(14, rkvm_core::exit::InterruptionInfo::HARDWARE_EXCEPTION, true);
     state.g.events.entry_info = info.0;
-    state.g.events.error_code = code;
+    state.g.events.error_code = error_code;
     state.g.sregs.cr2 = linear;
     state.g.dirty = true;
 }
@@ -182,7 +217,7 @@ fn internal_error(vcpu: &Vcpu, suberror: u32) {
 }
 
 fn code_size(sregs: &kvm_sregs) -> CodeSize {
-    if sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0 {
+    if long_mode_code(sregs) {
         CodeSize::Bits64
     } else if sregs.cr0 & 1 != 0 && sregs.cs.db != 0 {
         CodeSize::Bits32
@@ -191,21 +226,50 @@ fn code_size(sregs: &kvm_sregs) -> CodeSize {
     }
 }
 
+/// 64-bit code: IA-32e mode with CS.L.
+fn long_mode_code(sregs: &kvm_sregs) -> bool {
+    sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0
+}
+
+/// The linear address of the instruction at RIP: in 64-bit mode the CS
+/// base is ignored (SDM Vol. 3A, 3.4.4), elsewhere it is added and the
+/// address wraps at 4 GiB.
+fn instruction_pointer(sregs: &kvm_sregs, rip: u64) -> u64 {
+    if long_mode_code(sregs) {
+        rip
+    } else {
+        sregs.cs.base.wrapping_add(rip) & 0xffff_ffff
+    }
+}
+
+/// The up-to-15 bytes of the instruction at RIP that the guest's tables
+/// let it fetch, for decoding.
+fn fetch_instruction(mem: &GuestMemory, state: &VcpuState, bytes: &mut [u8; 15]) -> usize {
+    let linear = instruction_pointer(&state.g.sregs, state.g.regs.rip);
+    let access = access_of(state, false, true);
+    let mut got = 0;
+    while got < bytes.len() {
+        // Wrapping: an instruction may start in the last bytes of the
+        // address space (and the guest chose where).
+        let at = linear.wrapping_add(got as u64);
+        let at = if long_mode_code(&state.g.sregs) { at } else { at & 0xffff_ffff };
+        if copy_linear(mem, &state.g.sregs, at, &mut bytes[got..got + 1], access).is_err() {
+            break;
+        }
+        got += 1;
+    }
+    got
+}
+
 /// MMIO: decode the MOV at RIP and hand the access to the VMM.
 fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()> {
-    let mut view = vcpu.vm.memory();
-    if fetch || view.contains(gpa) {
-        drop(view);
+    let mem = vcpu.vm.memory();
+    if fetch || mem.is_ram(gpa) {
         internal_error(vcpu, KVM_INTERNAL_ERROR_EMULATION);
         return Ok(());
     }
     let mut bytes = [0u8; 15];
-    let linear = state.g.sregs.cs.base.wrapping_add(state.g.regs.rip);
-    let mut got = 0;
-    while got < bytes.len() && copy_linear(&mut view, &state.g.sregs, linear + got as u64, &mut bytes[got..got + 1], false).is_ok() {
-        got += 1;
-    }
-    drop(view);
+    let got = fetch_instruction(mem, state, &mut bytes);
     let Some(mov) = decode::decode_mov(&bytes[..got], code_size(&state.g.sregs)) else {
         internal_error(vcpu, KVM_INTERNAL_ERROR_EMULATION);
         return Ok(());
@@ -214,18 +278,18 @@ fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()>
     let run = run_struct(vcpu);
     let mut data = [0u8; 8];
     let is_write = match mov.access {
-        Access::StoreReg(r) => {
+        MovAccess::StoreReg(r) => {
             let v = *gpr(&mut state.g.regs, r.index);
             let v = if r.high_byte { v >> 8 } else { v };
             data = v.to_le_bytes();
             true
         }
-        Access::StoreImm(v) => {
+        MovAccess::StoreImm(v) => {
             data = v.to_le_bytes();
             true
         }
-        Access::Load(reg) => {
-            state.g.pending_mmio = Some(PendingMmioLoad { reg, size: mov.size, len: mov.len });
+        MovAccess::Load(reg) => {
+            state.g.pending_mmio = Some(PendingMmioLoad { reg, size: mov.size, len: mov.len, rip: state.g.regs.rip });
             false
         }
     };
@@ -249,9 +313,12 @@ fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()>
 
 /// Moves the VMM's data for the last MMIO load into the destination
 /// register (8- and 16-bit loads merge, 32-bit loads zero-extend) and moves
-/// RIP past the MOV.
+/// RIP past the MOV; nothing if the VMM moved RIP meanwhile.
 pub(crate) fn complete_mmio_load(vcpu: &Vcpu, state: &mut VcpuState) {
     let Some(p) = state.g.pending_mmio.take() else { return };
+    if state.g.regs.rip != p.rip {
+        return;
+    }
     let run = run_struct(vcpu);
     // SAFETY: our run page; the VMM may have written `data` (untrusted).
     let data = unsafe { core::ptr::read_volatile(&(*run).__bindgen_anon_1.mmio.data) };
@@ -263,7 +330,6 @@ pub(crate) fn complete_mmio_load(vcpu: &Vcpu, state: &mut VcpuState) {
         (1, true) => (*reg & !0xff00) | (value << 8),
         (1, false) => (*reg & !0xff) | value,
         (2, _) => (*reg & !0xffff) | value,
-        (4, _) => value,
         _ => value,
     };
     state.g.regs.rip = state.g.regs.rip.wrapping_add(p.len.into());
@@ -272,10 +338,17 @@ pub(crate) fn complete_mmio_load(vcpu: &Vcpu, state: &mut VcpuState) {
 }
 
 /// Finishes a slow exit: `Ok(true)` if `kvm_run` now says what the VMM must
-/// do, `Ok(false)` if the guest runs on (an exception was raised in it).
+/// do, `Ok(false)` if the guest runs on (a page was mapped, or an exception
+/// was raised in it).
 pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Result<bool> {
     let (io, linear, address_bits, instruction_len) = match exit {
         SlowExit::StringIo { io, linear, address_bits, instruction_len } => (io, linear, address_bits, instruction_len),
+        SlowExit::MapRam { gpa } => {
+            // `false`: the slot went away meanwhile; the guest's retry then
+            // finds MMIO.
+            vcpu.vm.memory().map(gpa)?;
+            return Ok(false);
+        }
         SlowExit::Mmio { gpa, fetch } => return mmio(vcpu, state, gpa, fetch).map(|()| true),
     };
     let size = usize::from(io.size);
@@ -288,10 +361,25 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
         state.g.instruction_done();
         return Ok(false);
     }
-    let count = if io.rep { count_reg.min((PAGE_SIZE / size) as u64) } else { 1 } as u32;
     let backwards = regs.rflags & RFLAGS_DF != 0;
+    let wanted = if io.rep { count_reg } else { 1 };
+    let count = elements_in_page(linear, size, wanted, backwards);
+    // The first element's page decides for the whole batch: if the guest
+    // may not access it, #PF now, before any I/O (the CPU faults on the
+    // element's memory access too; for INS no port is read then).
+    let mem = vcpu.vm.memory();
+    let access = access_of(state, io.is_in, false);
+    match probe(mem, &state.g.sregs, linear, size, access) {
+        Ok(()) => {}
+        Err(CopyError::PageFault { linear, error_code }) => {
+            inject_page_fault(state, linear, error_code);
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    }
     let run = run_struct(vcpu);
     let pio = vcpu.pio_page.as_ptr().cast_mut();
+    let regs = &state.g.regs;
     if io.is_in {
         state.g.pending_string_in = Some(PendingStringIn {
             size: io.size,
@@ -301,29 +389,59 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
             address_bits,
             rep: io.rep,
             instruction_len,
+            rip: regs.rip,
+            rcx: regs.rcx,
+            rdi: regs.rdi,
         });
     } else {
-        let mut view = vcpu.vm.memory();
         for i in 0..count as u64 {
             let offset = i * size as u64;
             let element = if backwards { linear.wrapping_sub(offset) } else { linear.wrapping_add(offset) };
             let mut data = [0u8; 4];
-            match copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], false) {
+            match copy_linear(mem, &state.g.sregs, element, &mut data[..size], access) {
                 Ok(()) => {}
-                Err(CopyError::PageFault { linear }) => {
-                    drop(view);
-                    inject_page_fault(state, linear, false);
+                Err(CopyError::PageFault { linear, error_code }) => {
+                    // The page changed since the probe (another vCPU):
+                    // fault now, nothing was sent.
+                    inject_page_fault(state, linear, error_code);
                     return Ok(false);
                 }
                 Err(e) => return Err(e.into()),
             }
-            // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE.
+            // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE
+            // (count * size <= PAGE_SIZE, from `elements_in_page`).
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pio.add(offset as usize), size) };
         }
         advance(state, count, size, address_bits, io.rep, instruction_len, false, backwards);
     }
     super::io::report(run, &io, count);
     Ok(true)
+}
+
+/// How many elements of `size` bytes, at most `wanted`, a string
+/// instruction moves from `linear` on while staying in the page of the
+/// first (at least one: an element may straddle two pages). Like KVM's
+/// emulator, rkvm batches a REP INS/OUTS one page at a time, so that the
+/// first element's translation holds for the batch.
+fn elements_in_page(linear: u64, size: usize, wanted: u64, backwards: bool) -> u32 {
+    let offset = linear & (PAGE_SIZE as u64 - 1);
+    // Bytes from the first element to the end of its page, or (backwards)
+    // from the start of the page to the end of the first element.
+    let room = if backwards { offset + size as u64 } else { PAGE_SIZE as u64 - offset };
+    (room / size as u64).clamp(1, wanted.max(1)) as u32
+}
+
+/// Checks that the guest may make `access` to the `len` bytes at `linear`.
+fn probe(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64, len: usize, access: Access) -> Result<(), CopyError> {
+    let p = paging(sregs);
+    for i in 0..len as u64 {
+        let address = linear.wrapping_add(i);
+        walk::translate(&mut Ram(mem), &p, address, access).map_err(|e| match e {
+            WalkError::PageFault { error_code } => CopyError::PageFault { linear: address, error_code },
+            WalkError::OutsideRam => CopyError::Efault,
+        })?;
+    }
+    Ok(())
 }
 
 /// Moves RSI (OUTS) or RDI (INS) past `count` elements, counts RCX down
@@ -336,7 +454,9 @@ fn advance(state: &mut VcpuState, count: u32, size: usize, bits: u32, rep: bool,
     let moved = if backwards { pointer.wrapping_sub(delta) } else { pointer.wrapping_add(delta) };
     set_low(pointer, bits, moved);
     let done = if rep {
-        let left = (regs.rcx & mask(bits)) - u64::from(count);
+        // `count` never exceeds the count register: it was taken from it,
+        // and a completion whose RCX changed is dropped.
+        let left = (regs.rcx & mask(bits)).saturating_sub(u64::from(count));
         set_low(&mut regs.rcx, bits, left);
         left == 0
     } else {
@@ -350,29 +470,33 @@ fn advance(state: &mut VcpuState, count: u32, size: usize, bits: u32, rep: bool,
 }
 
 /// Copies the VMM's data for the last INS into guest memory (at the start
-/// of the next KVM_RUN).
+/// of the next KVM_RUN); nothing if the VMM changed RIP, RCX or RDI
+/// meanwhile (the INS then runs again from the new state).
 pub(crate) fn complete_string_in(vcpu: &Vcpu, state: &mut VcpuState) -> Result {
     let Some(p) = state.g.pending_string_in.take() else { return Ok(()) };
+    let regs = &state.g.regs;
+    if (regs.rip, regs.rcx, regs.rdi) != (p.rip, p.rcx, p.rdi) || (regs.rflags & RFLAGS_DF != 0) != p.backwards {
+        return Ok(());
+    }
     let size = usize::from(p.size);
     let pio = vcpu.pio_page.as_ptr();
-    let mut view = vcpu.vm.memory();
+    let mem = vcpu.vm.memory();
+    let access = access_of(state, true, false);
     for i in 0..p.count as u64 {
         let offset = i * size as u64;
         let element = if p.backwards { p.linear.wrapping_sub(offset) } else { p.linear.wrapping_add(offset) };
         let mut data = [0u8; 4];
         // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE.
         unsafe { core::ptr::copy_nonoverlapping(pio.add(offset as usize), data.as_mut_ptr(), size) };
-        match copy_linear(&mut view, &state.g.sregs, element, &mut data[..size], true) {
+        match copy_linear(mem, &state.g.sregs, element, &mut data[..size], access) {
             Ok(()) => {}
-            Err(CopyError::PageFault { linear }) => {
-                drop(view);
-                inject_page_fault(state, linear, true);
+            Err(CopyError::PageFault { linear, error_code }) => {
+                inject_page_fault(state, linear, error_code);
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
         }
     }
-    drop(view);
     advance(state, p.count, size, p.address_bits, p.rep, p.instruction_len, true, p.backwards);
     Ok(())
 }

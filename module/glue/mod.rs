@@ -1,7 +1,15 @@
-//! Safe wrappers over `glue.c`, the module's only C: the misc device, `__pa`,
-//! the kernel's CR4 helpers, fault-tolerant VMXON/VMXOFF, and the kernel's
-//! emergency virtualization callback. Nothing else in the module declares an
-//! `extern "C"` function.
+//! Safe wrappers over the module's C (`glue.c`, `glue_mm.c`, `glue_cpu.c`):
+//! the kernel facilities Linux 6.12's Rust bindings lack. This file: the
+//! misc device and anonymous-inode files, `__pa`, the kernel's CR4 helpers,
+//! fault-tolerant VMX instructions, host state, the reboot hook and the
+//! emergency virtualization callback; `mm.rs`: the VMM's memory as guest
+//! RAM; `cpu.rs`: debug registers, machine checks and speculation barriers
+//! around a guest's run; `sync.rs`: a killable mutex. Nothing else in the
+//! module declares an `extern "C"` function.
+
+pub(crate) mod cpu;
+pub(crate) mod mm;
+pub(crate) mod sync;
 
 use kernel::bindings;
 use kernel::error::{to_result, Result};
@@ -39,6 +47,7 @@ mod ffi {
         pub(super) fn rkvm_dump_caps() -> bool;
         pub(super) fn rkvm_register_reboot(leave_vmx: unsafe extern "C" fn()) -> i32;
         pub(super) fn rkvm_unregister_reboot();
+        pub(super) fn rkvm_ratelimit() -> bool;
         pub(super) fn rkvm_read_host_state(h: *mut super::HostState);
         pub(super) fn rkvm_restore_host_segments(h: *const super::HostState);
         pub(super) fn rkvm_preempt_disable();
@@ -393,6 +402,14 @@ pub(crate) fn task_size_max() -> u64 {
 pub(crate) fn tsc_khz() -> u32 {
     // SAFETY: reads a variable set at boot.
     unsafe { ffi::rkvm_tsc_khz() }
+}
+
+/// Whether a message a VMM or a guest can cause may be logged now: at most
+/// 10 per 5 seconds (printk_ratelimited's defaults), so that no process can
+/// flood the kernel log.
+pub(crate) fn ratelimit() -> bool {
+    // SAFETY: a static ratelimit state, taken under its own lock.
+    unsafe { ffi::rkvm_ratelimit() }
 }
 
 /// Runs `f(info)` on every online CPU, this one included, and waits for all.

@@ -21,7 +21,7 @@
 
 use core::ffi::{c_int, c_uint};
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
 use kernel::alloc::{flags::GFP_KERNEL, KBox, KVec};
 use kernel::bindings;
@@ -44,6 +44,9 @@ struct PerCpu {
     vmxon_region: Page,
     /// Set by a successful VMXON on this CPU, cleared by VMXOFF.
     in_vmx: AtomicBool,
+    /// The id of the last VMCS loaded here (0: none), to tell when this CPU
+    /// switches to another vCPU (IBPB, see `switch_vmcs`).
+    last_vmcs: AtomicU64,
 }
 
 /// State shared with the hotplug callbacks, which take no context argument.
@@ -113,7 +116,7 @@ impl VmxHost {
         for _ in 0..possible {
             let mut vmxon_region = Page::alloc_zeroed()?;
             vmxon_region.as_mut_bytes()[..4].copy_from_slice(&revision);
-            cpus.push(PerCpu { vmxon_region, in_vmx: AtomicBool::new(false) }, GFP_KERNEL)?;
+            cpus.push(PerCpu { vmxon_region, in_vmx: AtomicBool::new(false), last_vmcs: AtomicU64::new(0) }, GFP_KERNEL)?;
         }
         let shared = KBox::new(Shared { caps, cpus, phase: AtomicU8::new(phase::LOADING) }, GFP_KERNEL)?;
         let shared_ptr = ptr::from_ref::<Shared>(&shared).cast_mut();
@@ -198,6 +201,23 @@ pub(crate) fn invept_everywhere(eptp: u64) {
     }
     // SAFETY: `flush` only reads per-CPU state and runs INVEPT.
     unsafe { glue::on_each_cpu(flush, eptp as *mut core::ffi::c_void) };
+}
+
+/// Records that the VMCS with `id` is loaded on this CPU; with the
+/// IBPB-on-switch mitigation in force, issues an Indirect Branch Prediction
+/// Barrier if the last VMCS loaded here was another vCPU's, so that one
+/// guest cannot steer another's (or its VMM's) indirect branches (KVM's
+/// vmx_vcpu_load_vmcs does the same).
+pub(crate) fn switch_vmcs(_cpu: &glue::PreemptDisabled, id: u64) {
+    // SAFETY: SHARED is valid while the module is loaded, and a vCPU exists.
+    let Some(shared) = (unsafe { SHARED.load(Ordering::Acquire).as_ref() }) else { return };
+    let Some(this) = shared.cpus.get(glue::this_cpu() as usize) else { return };
+    // Only this CPU writes its entry, with preemption disabled (`_cpu`).
+    if this.last_vmcs.swap(id, Ordering::Relaxed) != id
+        && glue::cpu::mitigations().has(glue::cpu::Mitigations::IBPB_ON_SWITCH)
+    {
+        glue::cpu::ibpb();
+    }
 }
 
 /// The capabilities found at load. `None` only while loading or unloading;

@@ -11,6 +11,8 @@
 //!
 //! Context: VMX root operation, preemption disabled ([`PreemptDisabled`]).
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use kernel::error::{code::EIO, Result};
 use kernel::prelude::*;
 
@@ -21,7 +23,13 @@ use crate::mm::Page;
 /// A VMCS region.
 pub(crate) struct Vmcs {
     region: Page,
+    /// Unique for the module's life (not reused as the page may be), to
+    /// tell vCPUs apart on a CPU (`host::switch_vmcs`).
+    id: u64,
 }
+
+/// The next VMCS id (0 means "none").
+static NEXT_VMCS_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Vmcs {
     /// A new VMCS region with `revision` (IA32_VMX_BASIC bits 30:0) in its
@@ -29,22 +37,23 @@ impl Vmcs {
     pub(crate) fn new(revision: u32) -> Result<Self> {
         let mut region = Page::alloc_zeroed()?;
         region.as_mut_bytes()[..4].copy_from_slice(&revision.to_le_bytes());
-        Ok(Self { region })
+        Ok(Self { region, id: NEXT_VMCS_ID.fetch_add(1, Ordering::Relaxed) })
     }
 
     /// Makes this VMCS current on this CPU until the result is dropped.
     ///
     /// # Errors
     /// `EIO` if VMCLEAR or VMPTRLD fail (a bad region: never expected).
-    pub(crate) fn load<'a>(&'a mut self, _cpu: &'a PreemptDisabled) -> Result<LoadedVmcs<'a>> {
+    pub(crate) fn load<'a>(&'a mut self, cpu: &'a PreemptDisabled) -> Result<LoadedVmcs<'a>> {
         let phys = self.region.phys();
         // SAFETY: our region, with its revision identifier; this CPU is in
         // VMX root operation (rkvm holds VMX on every online CPU while
-        // loaded) and stays put (preemption disabled by `_cpu`); no other
+        // loaded) and stays put (preemption disabled by `cpu`); no other
         // CPU has it current (see the module comment).
         unsafe { insn::vmclear(phys) }.map_err(|e| log_fail("VMCLEAR", e))?;
         // SAFETY: as above.
         unsafe { insn::vmptrld(phys) }.map_err(|e| log_fail("VMPTRLD", e))?;
+        super::host::switch_vmcs(cpu, self.id);
         Ok(LoadedVmcs { vmcs: self, launched: false })
     }
 }
