@@ -32,8 +32,8 @@ pub struct Guest {
     pub vcpu: VcpuFd,
     /// The supported CPUID table, as given to the vCPU.
     cpuid: CpuId,
-    // Dropped after the vCPU and before the memory it maps.
-    _vm: VmFd,
+    /// Dropped after the vCPU and before the memory it maps.
+    pub vm: VmFd,
     mem: Mapping,
 }
 
@@ -55,7 +55,7 @@ impl Guest {
         vcpu.set_sregs(&sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
         let regs = kvm_bindings::kvm_regs { rip: CODE, rsp: 0x800, rflags: 2, ..Default::default() };
         vcpu.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-        let guest = Guest { vcpu, cpuid, _vm: vm, mem };
+        let guest = Guest { vcpu, cpuid, vm, mem };
         guest.write(CODE, code);
         Ok(guest)
     }
@@ -68,6 +68,18 @@ impl Guest {
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.mem.addr as *mut u8).add(gpa as usize), bytes.len());
         }
+    }
+
+    /// The VMM address of guest-physical 0.
+    pub fn hva(&self) -> u64 {
+        self.mem.hva()
+    }
+
+    /// Reads `len` bytes of guest memory at `gpa`.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE, "outside guest memory");
+        // SAFETY: the range is inside the mapping (asserted above).
+        unsafe { std::slice::from_raw_parts((self.mem.addr as *const u8).add(gpa as usize), len) }.to_vec()
     }
 
     /// Installs `handler` for `vector`: copies it to the handler area and

@@ -38,6 +38,7 @@ mod cpu;
 mod events;
 mod guest;
 mod host_fpu;
+mod hostile;
 
 /// Guest memory for the checks: an anonymous mapping, unmapped on drop.
 struct Mapping {
@@ -429,6 +430,7 @@ fn main() -> ExitCode {
     if unrestricted_guest {
         fail_entry_checks(&mut c, &kvm);
     }
+    hostile::checks(&mut c, &kvm, unrestricted_guest);
     println!("{} passed, {} failed", c.passed, c.failed);
     if c.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
