@@ -22,11 +22,12 @@
 //!   (emulation failure).
 //!
 //! What the VMM supplies for an IN, INS or MMIO load is taken at the next
-//! KVM_RUN only if the registers the instruction uses are as the exit left
-//! them. A VMM that changed them meanwhile (KVM_SET_REGS) has moved the
-//! guest on: the data is dropped and the guest runs from its new state (an
-//! INS still at RIP simply executes again and exits again), as KVM drops a
-//! completion whose RIP changed (`complete_fast_pio_in`).
+//! KVM_RUN only if RIP is still where the exit left it: a VMM that moved
+//! the guest on (KVM_SET_REGS) drops the data, as KVM drops a completion
+//! whose RIP changed (`complete_fast_pio_in`). For INS, as in KVM's
+//! emulator (which re-reads the registers), the data goes where RDI points
+//! then, and a REP moves at most as many elements as RCX still counts: a
+//! VMM that lowered RCX never makes the count wrap.
 //!
 //! Context: process context, vCPU mutex held; may sleep.
 
@@ -79,17 +80,13 @@ pub(crate) struct PendingMmioLoad {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PendingStringIn {
     size: u8,
+    /// Elements the VMM supplies.
     count: u32,
-    linear: u64,
-    backwards: bool,
     address_bits: u32,
     rep: bool,
     instruction_len: u64,
-    /// RIP, RCX and RDI as the exit left them: the data goes in only if
-    /// the VMM did not change them.
+    /// RIP of the INS: the data goes in only if the guest is still there.
     rip: u64,
-    rcx: u64,
-    rdi: u64,
 }
 
 const RFLAGS_DF: u64 = 1 << 10;
@@ -384,14 +381,10 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
         state.g.pending_string_in = Some(PendingStringIn {
             size: io.size,
             count,
-            linear,
-            backwards,
             address_bits,
             rep: io.rep,
             instruction_len,
             rip: regs.rip,
-            rcx: regs.rcx,
-            rdi: regs.rdi,
         });
     } else {
         for i in 0..count as u64 {
@@ -470,23 +463,27 @@ fn advance(state: &mut VcpuState, count: u32, size: usize, bits: u32, rep: bool,
 }
 
 /// Copies the VMM's data for the last INS into guest memory (at the start
-/// of the next KVM_RUN); nothing if the VMM changed RIP, RCX or RDI
-/// meanwhile (the INS then runs again from the new state).
+/// of the next KVM_RUN): to ES:RDI as the registers are now, at most as
+/// many elements as RCX counts for REP; nothing if the VMM moved RIP.
 pub(crate) fn complete_string_in(vcpu: &Vcpu, state: &mut VcpuState) -> Result {
     let Some(p) = state.g.pending_string_in.take() else { return Ok(()) };
     let regs = &state.g.regs;
-    if (regs.rip, regs.rcx, regs.rdi) != (p.rip, p.rcx, p.rdi) || (regs.rflags & RFLAGS_DF != 0) != p.backwards {
+    if regs.rip != p.rip {
         return Ok(());
     }
+    let count = if p.rep { u64::from(p.count).min(regs.rcx & mask(p.address_bits)) as u32 } else { p.count };
+    let backwards = regs.rflags & RFLAGS_DF != 0;
+    let linear = string_destination(&state.g.sregs, regs.rdi, p.address_bits);
     let size = usize::from(p.size);
     let pio = vcpu.pio_page.as_ptr();
     let mem = vcpu.vm.memory();
     let access = access_of(state, true, false);
-    for i in 0..p.count as u64 {
+    for i in 0..u64::from(count) {
         let offset = i * size as u64;
-        let element = if p.backwards { p.linear.wrapping_sub(offset) } else { p.linear.wrapping_add(offset) };
+        let element = if backwards { linear.wrapping_sub(offset) } else { linear.wrapping_add(offset) };
         let mut data = [0u8; 4];
-        // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE.
+        // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE (at
+        // most `p.count` elements, which fitted it at the exit).
         unsafe { core::ptr::copy_nonoverlapping(pio.add(offset as usize), data.as_mut_ptr(), size) };
         match copy_linear(mem, &state.g.sregs, element, &mut data[..size], access) {
             Ok(()) => {}
@@ -497,6 +494,18 @@ pub(crate) fn complete_string_in(vcpu: &Vcpu, state: &mut VcpuState) -> Result {
             Err(e) => return Err(e.into()),
         }
     }
-    advance(state, p.count, size, p.address_bits, p.rep, p.instruction_len, true, p.backwards);
+    advance(state, count, size, p.address_bits, p.rep, p.instruction_len, true, backwards);
     Ok(())
+}
+
+/// The linear address of ES:RDI, the destination of INS (SDM Vol. 2A,
+/// INS): RDI masked to the address size, plus the ES base outside 64-bit
+/// mode (wrapping at 4 GiB there).
+fn string_destination(sregs: &kvm_sregs, rdi: u64, address_bits: u32) -> u64 {
+    let offset = rdi & mask(address_bits);
+    if long_mode_code(sregs) {
+        offset
+    } else {
+        sregs.es.base.wrapping_add(offset) & 0xffff_ffff
+    }
 }

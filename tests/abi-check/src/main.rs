@@ -18,6 +18,10 @@
 //! the debug exits of OUT, HLT and INT3. The host tests run on a KVM that
 //! emulates real-mode code (kvm_pvm), so they do not ask for these.
 //!
+//! `--hostile NAME` runs one of the hostile-input regression checks alone
+//! (`hostile.rs`; NAME is a part of its name, e.g. `rep-ins`), to watch it
+//! fail on a device that has the bug.
+//!
 //! `--dump-reset-state` prints a new vCPU's registers instead, so that the
 //! testbed can compare /dev/rkvm with /dev/kvm line by line.
 //!
@@ -411,6 +415,20 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(i) = args.iter().position(|a| a == "--hostile") {
+        // One of the hostile-input regression checks alone (hostile.rs),
+        // e.g. to see it fail on an old rkvm.ko.
+        let Some(name) = args.get(i + 1).filter(|n| hostile::names().any(|h| h.contains(n.as_str()))) else {
+            eprintln!("rkvm-abi-check: --hostile needs one of: {}", hostile::names().collect::<Vec<_>>().join(", "));
+            return ExitCode::from(2);
+        };
+        let mut c = Checks { passed: 0, failed: 0 };
+        let rkvm_semantics = args.iter().any(|a| a == "--rkvm");
+        let unrestricted_guest = args.iter().any(|a| a == "--unrestricted-guest");
+        hostile::checks(&mut c, &kvm, unrestricted_guest, rkvm_semantics, Some(name));
+        println!("{} passed, {} failed", c.passed, c.failed);
+        return if c.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
     let mut c = Checks { passed: 0, failed: 0 };
     let rkvm_semantics = args.iter().any(|a| a == "--rkvm");
     let unrestricted_guest = args.iter().any(|a| a == "--unrestricted-guest" || a == "--with-invalid-state");
@@ -430,7 +448,7 @@ fn main() -> ExitCode {
     if unrestricted_guest {
         fail_entry_checks(&mut c, &kvm);
     }
-    hostile::checks(&mut c, &kvm, unrestricted_guest);
+    hostile::checks(&mut c, &kvm, unrestricted_guest, rkvm_semantics, None);
     println!("{} passed, {} failed", c.passed, c.failed);
     if c.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
