@@ -48,7 +48,10 @@ pub(crate) fn load(vmcs: &mut LoadedVmcs<'_>, e: &EventState, cr0: u64) -> Resul
     let deliver_error_code = 1 << 11;
     let info = if cr0 & 1 == 0 { e.entry_info & !deliver_error_code } else { e.entry_info };
     vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.into())?;
-    vmcs.write(control::VMENTRY_EXCEPTION_ERR_CODE, e.error_code.into())?;
+    // Bits 31:16 of the error code must be 0 for VM entry (26.2.1.3),
+    // though KVM's ABI carries 32 bits: dropped, as KVM does, so that a
+    // VMM's value cannot make every entry fail.
+    vmcs.write(control::VMENTRY_EXCEPTION_ERR_CODE, (e.error_code & 0xffff).into())?;
     vmcs.write(control::VMENTRY_INSTRUCTION_LEN, e.instruction_len.into())?;
     vmcs.write(guest::INTERRUPTIBILITY_STATE, e.interruptibility.into())
 }

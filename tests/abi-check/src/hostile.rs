@@ -657,6 +657,40 @@ fn mmio_during_interrupt_delivery_is_not_the_instruction_at_rip(c: &mut Checks, 
             !exit.starts_with("mmio write"), format!("{exit} suberror {sub}"));
 }
 
+/// A VMM whose vCPU can never be entered (an injected #UD with an error
+/// code, which VM entry refuses: SDM Vol. 3C 26.2.1.3) and that keeps
+/// calling KVM_RUN: each run is KVM_EXIT_FAIL_ENTRY, and the kernel log
+/// must not grow by a line per run (the testbed suite counts the lines;
+/// rkvm once logged every one).
+fn failed_entries_in_a_loop(c: &mut Checks, kvm: &Kvm) {
+    let Some(mut g) = c.success("a protected-mode guest for failed entries", Guest::new(kvm, &HLT)) else { return };
+    let mut s = g.vcpu.get_sregs().unwrap_or_default();
+    s.cs = flat(8, true, false, 0);
+    s.ds = flat(0x10, false, false, 0);
+    s.es = s.ds;
+    s.ss = s.ds;
+    s.cr0 |= 1;
+    c.success("KVM_SET_SREGS into protected mode", g.vcpu.set_sregs(&s));
+    let mut events = g.vcpu.get_vcpu_events().unwrap_or_default();
+    events.exception.injected = 1;
+    events.exception.nr = 6; // #UD has no error code...
+    events.exception.has_error_code = 1; // ...so VM entry fails.
+    c.success("KVM_SET_VCPU_EVENTS with #UD and an error code", g.vcpu.set_vcpu_events(&events));
+    let mut failed = 0;
+    let mut other = None;
+    for _ in 0..200 {
+        match g.vcpu.run() {
+            Ok(VcpuExit::FailEntry(..)) => failed += 1,
+            exit => {
+                other = Some(describe(exit));
+                break;
+            }
+        }
+    }
+    c.check("200 KVM_RUNs of an unenterable vCPU each end in KVM_EXIT_FAIL_ENTRY", failed == 200,
+            format!("{failed} failed entries, then {other:?}"));
+}
+
 /// Which devices a check applies to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Applies {
@@ -682,6 +716,7 @@ const CHECKS: &[(&str, Applies, fn(&mut Checks, &Kvm, bool))] = &[
     ("mmio-during-interrupt-delivery", Applies::Rkvm, |c, k, _| {
         mmio_during_interrupt_delivery_is_not_the_instruction_at_rip(c, k)
     }),
+    ("failed-entries", Applies::UnrestrictedGuest, |c, k, _| failed_entries_in_a_loop(c, k)),
     ("host-watchpoint", Applies::Always, |c, k, _| {
         host_watchpoint_after_a_guest(c, k);
     }),

@@ -18,6 +18,9 @@
 //! the debug exits of OUT, HLT and INT3. The host tests run on a KVM that
 //! emulates real-mode code (kvm_pvm), so they do not ask for these.
 //!
+//! `--spin N [--sti]` runs a VM whose N vCPUs spin in `jmp $` forever
+//! (interrupts off, or on), until the process is killed (`spin.rs`).
+//!
 //! `--hostile NAME` runs one of the hostile-input regression checks alone
 //! (`hostile.rs`; NAME is a part of its name, e.g. `rep-ins`), to watch it
 //! fail on a device that has the bug.
@@ -43,6 +46,7 @@ mod events;
 mod guest;
 mod host_fpu;
 mod hostile;
+mod spin;
 
 /// Guest memory for the checks: an anonymous mapping, unmapped on drop.
 struct Mapping {
@@ -414,6 +418,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(i) = args.iter().position(|a| a == "--spin") {
+        let Some(n) = args.get(i + 1).and_then(|s| s.parse::<u64>().ok()).filter(|n| (1..=8).contains(n)) else {
+            eprintln!("rkvm-abi-check: --spin needs a number of vCPUs, 1 to 8");
+            return ExitCode::from(2);
+        };
+        eprintln!("rkvm-abi-check: {}", spin::spin(&kvm, n, args.iter().any(|a| a == "--sti")));
+        return ExitCode::FAILURE;
     }
     if let Some(i) = args.iter().position(|a| a == "--hostile") {
         // One of the hostile-input regression checks alone (hostile.rs),
