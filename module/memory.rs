@@ -148,7 +148,7 @@ fn flush(eptp: u64, zapped: &mut ZapBatch, freed_tables: &mut u64) {
     host::invept_everywhere(eptp);
     for &phys in &zapped.pages[..zapped.len] {
         // SAFETY: each was handed to the EPT by `PageRef::into_phys` when
-        // mapped, and its entry is gone: taken back once, here.
+        // mapped, and its entry is gone: taken back once, here, and put.
         drop(unsafe { PageRef::from_phys(phys) });
     }
     glue::mm::count(Counter::GuestPagesHeld, -(zapped.len as isize));

@@ -261,7 +261,8 @@ fn fetch_instruction(mem: &GuestMemory, state: &VcpuState, bytes: &mut [u8; 15])
 /// MMIO: decode the MOV at RIP and hand the access to the VMM.
 fn mmio(vcpu: &Vcpu, state: &mut VcpuState, gpa: u64, fetch: bool) -> Result<()> {
     let mem = vcpu.vm.memory();
-    if fetch || mem.is_ram(gpa) {
+    if fetch {
+        // Code in MMIO cannot be emulated (neither can KVM).
         internal_error(vcpu, KVM_INTERNAL_ERROR_EMULATION);
         return Ok(());
     }
@@ -346,6 +347,8 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
             vcpu.vm.memory().map(gpa)?;
             return Ok(false);
         }
+        // A slot created meanwhile: the guest's retry finds RAM.
+        SlowExit::Mmio { gpa, .. } if vcpu.vm.memory().is_ram(gpa) => return Ok(false),
         SlowExit::Mmio { gpa, fetch } => return mmio(vcpu, state, gpa, fetch).map(|()| true),
     };
     let size = usize::from(io.size);

@@ -131,16 +131,18 @@ impl PageRef {
         phys
     }
 
-    /// Takes back a reference handed over by [`PageRef::into_phys`].
+    /// Takes back a reference handed over by [`PageRef::into_phys`]
+    /// (`None` only if `phys` had no `struct page`, which cannot be: it
+    /// was RAM when the reference was taken).
     ///
     /// # Safety
     /// `phys` came from `into_phys`, and its reference is taken back once.
-    pub(crate) unsafe fn from_phys(phys: u64) -> Self {
+    pub(crate) unsafe fn from_phys(phys: u64) -> Option<Self> {
         // SAFETY: `phys` is the address of a page we hold a reference on,
         // so it is RAM with a `struct page`.
         let page = unsafe { ffi::rkvm_phys_to_page(phys) }.cast::<bindings::page>();
         // INVARIANT: the reference `into_phys` handed over comes back here.
-        Self { page: NonNull::new(page).expect("RAM has a struct page") }
+        NonNull::new(page).map(|page| Self { page })
     }
 }
 
@@ -161,7 +163,7 @@ pub(crate) fn get_user_page_fast(hva: u64) -> Option<PageRef> {
     // `hva` against the caller's address space itself.
     let r = unsafe { ffi::rkvm_get_user_page_fast_only(hva as usize, &mut page) };
     // INVARIANT: on success the page comes with a reference.
-    (r == 0).then(|| PageRef { page: NonNull::new(page.cast()).expect("GUP fills the page") })
+    if r == 0 { NonNull::new(page.cast()).map(|page| PageRef { page }) } else { None }
 }
 
 /// The most pages [`get_user_pages`] takes at once.
@@ -189,8 +191,11 @@ pub(crate) fn get_user_pages(hva: u64, n: usize, mut f: impl FnMut(usize, PageRe
     }
     let got = (got as usize).min(n);
     for (i, page) in pages[..got].iter().enumerate() {
-        // INVARIANT: GUP returned `got` pages, each with a reference.
-        f(i, PageRef { page: NonNull::new(page.cast()).expect("GUP fills the page") });
+        // INVARIANT: GUP returned `got` pages, each with a reference (and
+        // never a null one).
+        if let Some(page) = NonNull::new(page.cast()) {
+            f(i, PageRef { page });
+        }
     }
     Ok(got)
 }
