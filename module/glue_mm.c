@@ -179,13 +179,16 @@ struct page *rkvm_phys_to_page(u64 phys)
 
 /*
  * What the module holds, for leak checks: counter 0 guest pages referenced
- * by EPT entries, 1 EPT table pages, 2 VMs, 3 vCPUs (the order of
- * `Counter` in module/glue/mm.rs).
+ * by EPT entries, 1 EPT table pages, 2 VMs, 3 vCPUs; and since load, for
+ * the curious: 4 guest pages mapped without sleeping, 5 mapped after
+ * faulting them into the VMM, 6 MMU-notifier invalidations, 7 pages they
+ * unmapped (the order of `Counter` in module/glue/mm.rs).
  */
-#define RKVM_COUNTERS 4
+#define RKVM_COUNTERS 8
 static atomic_long_t rkvm_counters[RKVM_COUNTERS];
 static const char *const rkvm_counter_names[RKVM_COUNTERS] = {
 	"guest_pages_held", "ept_table_pages", "vms", "vcpus",
+	"pages_mapped_fast", "pages_mapped_slow", "invalidations", "pages_unmapped",
 };
 
 void rkvm_count(unsigned int counter, long delta)

@@ -52,9 +52,33 @@ use crate::vmx::host;
 const TABLES_PER_MAPPING: usize = 3;
 /// Zapped pages whose references wait for the INVEPT that must come first.
 const ZAP_BATCH: usize = 512;
-/// Pages mapped together on a fault that may sleep (fault-around): the
-/// aligned group of this many around the faulting page, within its slot.
-const FAULT_AROUND: u64 = glue::mm::MAX_PAGES_AT_ONCE as u64;
+/// Fault-around: on a fault, the aligned group of this many pages around
+/// the faulting one (within its slot) is mapped. Without sleeping (from the
+/// exit handler) only the pages the VMM has present are taken: a kernel or
+/// an initrd the VMM wrote into guest RAM is mapped 64 pages per exit. The
+/// path that may sleep faults the whole group into the VMM.
+const FAULT_AROUND: u64 = 64;
+
+/// Page references for one fault-around group.
+type Pages = [Option<PageRef>; FAULT_AROUND as usize];
+
+/// The aligned group of [`FAULT_AROUND`] frames around `gfn` within
+/// `slot`: its first frame and its length.
+fn neighbourhood(slot: &Slot, gfn: u64) -> (u64, u64) {
+    let first = (gfn & !(FAULT_AROUND - 1)).max(slot.base_gfn);
+    (first, (first + FAULT_AROUND).min(slot.end_gfn()) - first)
+}
+
+/// Takes, without sleeping, references on the pages of frames `[first,
+/// first + count)` of `slot` that the VMM has present and writable, into
+/// the empty places of `pages`.
+fn present_pages(slot: &Slot, first: u64, count: u64, pages: &mut Pages) {
+    for (i, place) in pages.iter_mut().enumerate().take(count as usize) {
+        if place.is_none() {
+            *place = glue::mm::get_user_page_fast(slot.userspace_addr_of(first + i as u64));
+        }
+    }
+}
 
 /// Zeroed pages for EPT tables, allocated before the lock is taken.
 #[derive(Default)]
@@ -152,6 +176,7 @@ fn flush(eptp: u64, zapped: &mut ZapBatch, freed_tables: &mut u64) {
         drop(unsafe { PageRef::from_phys(phys) });
     }
     glue::mm::count(Counter::GuestPagesHeld, -(zapped.len as isize));
+    glue::mm::count(Counter::PagesUnmapped, zapped.len as isize);
     zapped.len = 0;
     while *freed_tables != 0 {
         let phys = *freed_tables;
@@ -324,33 +349,35 @@ impl GuestMemory {
         self.slot(gpa).is_some()
     }
 
-    /// After an EPT violation at `gpa`: maps the page if the VMM has it
-    /// present and writable and no table must be allocated, without
-    /// sleeping (callable with preemption disabled).
+    /// After an EPT violation at `gpa`: maps the page, and its neighbours
+    /// the VMM has present (see [`FAULT_AROUND`]), if the VMM has the page
+    /// present and writable and the table cache suffices, without sleeping
+    /// (callable with preemption disabled).
     pub(crate) fn map_fast(&self, gpa: u64) -> Fault {
-        let gpa = gpa & !(SIZE_4K - 1);
+        let gfn = gpa >> 12;
         let (slot, sequence) = {
             let mmu = self.mmu.lock();
-            (mmu.slots.find(gpa >> 12).copied(), mmu.sequence)
+            (mmu.slots.find(gfn).copied(), mmu.sequence)
         };
         let Some(slot) = slot else { return Fault::NotRam };
-        let Some(page) = glue::mm::get_user_page_fast(slot.userspace_addr_of(gpa >> 12)) else {
-            return Fault::NeedsSleep;
-        };
-        let mut mmu = self.mmu.lock();
-        if mmu.invalidating != 0 || mmu.sequence != sequence {
+        let (first, count) = neighbourhood(&slot, gfn);
+        let mut pages: Pages = core::array::from_fn(|_| None);
+        present_pages(&slot, first, count, &mut pages);
+        if pages[(gfn - first) as usize].is_none() {
             return Fault::NeedsSleep;
         }
-        match mmu.map_page(gpa, page) {
-            Ok(_) => Fault::Mapped,
-            Err(_) => Fault::NeedsSleep,
+        match self.map_pages(first, &mut pages[..count as usize], (gfn - first) as usize, sequence) {
+            Ok(n) if n > 0 => {
+                glue::mm::count(Counter::PagesMappedFast, n as isize);
+                Fault::Mapped
+            }
+            _ => Fault::NeedsSleep,
         }
     }
 
-    /// After an EPT violation at `gpa`: maps it and its neighbours (the
-    /// aligned group of [`FAULT_AROUND`] pages within its slot), faulting
-    /// them into the VMM if needed. `Ok(false)` if no slot covers `gpa`.
-    /// May sleep.
+    /// After an EPT violation at `gpa`: faults the page into the VMM if
+    /// needed and maps it, with its neighbours the VMM has present.
+    /// `Ok(false)` if no slot covers `gpa`. May sleep.
     ///
     /// # Errors
     /// `EFAULT` if the VMM's memory behind `gpa` is gone or not writable
@@ -365,22 +392,25 @@ impl GuestMemory {
                 (mmu.slots.find(gfn).copied(), mmu.sequence)
             };
             let Some(slot) = slot else { return Ok(false) };
-            let first = (gfn & !(FAULT_AROUND - 1)).max(slot.base_gfn);
-            let count = (first + FAULT_AROUND).min(slot.end_gfn()) - first;
-            let mut pages: [Option<PageRef>; glue::mm::MAX_PAGES_AT_ONCE] = Default::default();
+            let (first, count) = neighbourhood(&slot, gfn);
+            let mut pages: Pages = core::array::from_fn(|_| None);
+            let must = (gfn - first) as usize;
+            // The whole group, faulted in (allocated and cleared where the
+            // VMM never touched it): on a guest's first touch of fresh
+            // memory its neighbours are the likeliest next, and one exit
+            // through this path costs as much as clearing ~10 pages.
             let got = glue::mm::get_user_pages(slot.userspace_addr_of(first), count as usize, |i, page| {
                 pages[i] = Some(page);
             })
             .unwrap_or(0);
-            if first + got as u64 <= gfn {
-                // Not even up to the faulting page: ask for it alone, for
-                // its error.
-                pages = Default::default();
-                glue::mm::get_user_pages(slot.userspace_addr_of(gfn), 1, |_, page| pages[0] = Some(page))?;
-                if self.map_pages(gfn, &mut pages[..1], sequence)? {
-                    return Ok(true);
-                }
-            } else if self.map_pages(first, &mut pages[..got], sequence)? {
+            if got <= must {
+                // Not up to the faulting page: ask for it alone, for its
+                // error (or it came back meanwhile).
+                glue::mm::get_user_pages(slot.userspace_addr_of(gfn), 1, |_, page| pages[must] = Some(page))?;
+            }
+            let mapped = self.map_pages(first, &mut pages[..count as usize], must, sequence)?;
+            if mapped > 0 {
+                glue::mm::count(Counter::PagesMappedSlow, mapped as isize);
                 return Ok(true);
             }
             // An invalidation or a slot change raced with the lookup.
@@ -392,23 +422,31 @@ impl GuestMemory {
     }
 
     /// Maps `pages` at consecutive frames from `first`, under the lock, if
-    /// nothing changed since `sequence` was read. `Ok(false)`: retry.
-    fn map_pages(&self, first: u64, pages: &mut [Option<PageRef>], sequence: u64) -> Result<bool> {
+    /// nothing changed since `sequence` was read: `pages[must]` first, then
+    /// the others while the table cache lasts. Returns how many pages it
+    /// mapped; 0: retry (nothing is lost; mapped pages stay).
+    fn map_pages(&self, first: u64, pages: &mut [Option<PageRef>], must: usize, sequence: u64) -> Result<usize> {
         let mut mmu = self.mmu.lock();
         if mmu.invalidating != 0 || mmu.sequence != sequence {
-            return Ok(false);
+            return Ok(0);
         }
+        let Some(page) = pages.get_mut(must).and_then(Option::take) else { return Ok(0) };
+        let mut mapped = match mmu.map_page((first + must as u64) << 12, page) {
+            Ok(new) => usize::from(new),
+            // The cache ran dry: refill and retry.
+            Err(e) if e == ENOMEM => return Ok(0),
+            Err(e) => return Err(e),
+        };
         for (i, page) in pages.iter_mut().enumerate() {
             let Some(page) = page.take() else { continue };
+            // Neighbours are a bonus: stop quietly when the cache is dry.
             match mmu.map_page((first + i as u64) << 12, page) {
-                Ok(_) => {}
-                // The cache ran dry: what is mapped stays, the rest is
-                // looked up again after a refill.
-                Err(e) if e == ENOMEM => return Ok(false),
-                Err(e) => return Err(e),
+                Ok(new) => mapped += usize::from(new),
+                Err(_) => break,
             }
         }
-        Ok(true)
+        // The faulting page was mapped, by us or by another vCPU.
+        Ok(mapped.max(1))
     }
 
     /// Fills the table cache, allocating outside the lock.
@@ -475,6 +513,7 @@ impl GuestMemory {
 
     /// The VMM's `[start, end)` is about to change: remove what maps it.
     fn invalidate_start(&self, start: u64, end: u64) {
+        glue::mm::count(Counter::Invalidations, 1);
         let mut mmu = self.mmu.lock();
         mmu.invalidating += 1;
         for id in 0..MAX_SLOTS {

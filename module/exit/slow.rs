@@ -148,23 +148,26 @@ fn access_of(state: &VcpuState, write: bool, fetch: bool) -> Access {
     }
 }
 
-/// Copies between guest-linear memory and `buf`, byte by byte through the
-/// guest's page tables, with `access`'s rights checked on every byte.
+/// Copies between guest-linear memory and `buf` through the guest's page
+/// tables, with `access`'s rights checked: one walk per page touched (the
+/// rights and the translation hold for a whole page), then one copy.
 fn copy_linear(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64, buf: &mut [u8], access: Access) -> Result<(), CopyError> {
     let p = paging(sregs);
-    for (i, b) in buf.iter_mut().enumerate() {
-        let address = linear.wrapping_add(i as u64);
+    let mut done = 0;
+    while done < buf.len() {
+        let address = linear.wrapping_add(done as u64);
         let gpa = walk::translate(&mut Ram(mem), &p, address, access).map_err(|e| match e {
             WalkError::PageFault { error_code } => CopyError::PageFault { linear: address, error_code },
             WalkError::OutsideRam => CopyError::Efault,
         })?;
-        let mut one = [*b];
+        let in_page = (PAGE_SIZE - (address as usize & (PAGE_SIZE - 1))).min(buf.len() - done);
+        let chunk = &mut buf[done..done + in_page];
         if access.write {
-            mem.write(gpa, &one).map_err(|_| CopyError::Efault)?;
+            mem.write(gpa, chunk).map_err(|_| CopyError::Efault)?;
         } else {
-            mem.read(gpa, &mut one).map_err(|_| CopyError::Efault)?;
-            *b = one[0];
+            mem.read(gpa, chunk).map_err(|_| CopyError::Efault)?;
         }
+        done += in_page;
     }
     Ok(())
 }
@@ -250,10 +253,12 @@ fn fetch_instruction(mem: &GuestMemory, state: &VcpuState, bytes: &mut [u8; 15])
         // address space (and the guest chose where).
         let at = linear.wrapping_add(got as u64);
         let at = if long_mode_code(&state.g.sregs) { at } else { at & 0xffff_ffff };
-        if copy_linear(mem, &state.g.sregs, at, &mut bytes[got..got + 1], access).is_err() {
+        // The rest of this page at most: a second page may be unmapped.
+        let n = (PAGE_SIZE - (at as usize & (PAGE_SIZE - 1))).min(bytes.len() - got);
+        if copy_linear(mem, &state.g.sregs, at, &mut bytes[got..got + n], access).is_err() {
             break;
         }
-        got += 1;
+        got += n;
     }
     got
 }
@@ -390,23 +395,16 @@ pub(crate) fn handle(vcpu: &Vcpu, state: &mut VcpuState, exit: SlowExit) -> Resu
             rip: regs.rip,
         });
     } else {
-        for i in 0..count as u64 {
-            let offset = i * size as u64;
-            let element = if backwards { linear.wrapping_sub(offset) } else { linear.wrapping_add(offset) };
-            let mut data = [0u8; 4];
-            match copy_linear(mem, &state.g.sregs, element, &mut data[..size], access) {
-                Ok(()) => {}
-                Err(CopyError::PageFault { linear, error_code }) => {
-                    // The page changed since the probe (another vCPU):
-                    // fault now, nothing was sent.
-                    inject_page_fault(state, linear, error_code);
-                    return Ok(false);
-                }
-                Err(e) => return Err(e.into()),
+        let batch = StringBatch { linear, size, count, backwards };
+        match batch.move_data(mem, &state.g.sregs, access, pio) {
+            Ok(()) => {}
+            Err(CopyError::PageFault { linear, error_code }) => {
+                // The page changed since the probe (another vCPU): fault
+                // now, nothing was sent.
+                inject_page_fault(state, linear, error_code);
+                return Ok(false);
             }
-            // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE
-            // (count * size <= PAGE_SIZE, from `elements_in_page`).
-            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pio.add(offset as usize), size) };
+            Err(e) => return Err(e.into()),
         }
         advance(state, count, size, address_bits, io.rep, instruction_len, false, backwards);
     }
@@ -427,11 +425,75 @@ fn elements_in_page(linear: u64, size: usize, wanted: u64, backwards: bool) -> u
     (room / size as u64).clamp(1, wanted.max(1)) as u32
 }
 
+/// The elements one INS/OUTS exit moves: `count` of `size` bytes from the
+/// guest-linear `linear` on, going down if `backwards`.
+struct StringBatch {
+    linear: u64,
+    size: usize,
+    count: u32,
+    backwards: bool,
+}
+
+impl StringBatch {
+    /// Moves the elements between guest memory and the PIO page `pio`
+    /// (element `i` at offset `i * size` there): into the guest for a write
+    /// `access` (INS), out of it otherwise (OUTS). A batch within one page
+    /// takes one walk of the guest's tables; otherwise each element its own.
+    fn move_data(&self, mem: &GuestMemory, sregs: &kvm_sregs, access: Access, pio: *mut u8) -> Result<(), CopyError> {
+        let step = self.size as u64;
+        let span = u64::from(self.count) * step;
+        let low = if self.backwards { self.linear.wrapping_sub(span - step) } else { self.linear };
+        let high = low.wrapping_add(span - 1);
+        let one_page = self.count > 1 && high >= low && low >> 12 == high >> 12;
+        let base = if one_page {
+            let p = paging(sregs);
+            Some(walk::translate(&mut Ram(mem), &p, self.linear, access).map_err(|e| match e {
+                WalkError::PageFault { error_code } => CopyError::PageFault { linear: self.linear, error_code },
+                WalkError::OutsideRam => CopyError::Efault,
+            })?)
+        } else {
+            None
+        };
+        for i in 0..u64::from(self.count) {
+            let offset = i * step;
+            let mut data = [0u8; 4];
+            let data = &mut data[..self.size];
+            // SAFETY: the PIO page is ours (4 KiB) and offset + size fits
+            // it: a batch is at most a page of elements (`elements_in_page`).
+            let slot = unsafe { pio.add(offset as usize) };
+            if access.write {
+                // SAFETY: as above; the VMM may write the page meanwhile,
+                // which only changes the data.
+                unsafe { core::ptr::copy_nonoverlapping(slot, data.as_mut_ptr(), self.size) };
+            }
+            match base {
+                // Same page as the first: its address, offset in the page.
+                Some(base) => {
+                    let gpa = if self.backwards { base.wrapping_sub(offset) } else { base.wrapping_add(offset) };
+                    let moved = if access.write { mem.write(gpa, data) } else { mem.read(gpa, data) };
+                    moved.map_err(|_| CopyError::Efault)?;
+                }
+                None => {
+                    let element = if self.backwards { self.linear.wrapping_sub(offset) } else { self.linear.wrapping_add(offset) };
+                    copy_linear(mem, sregs, element, data, access)?;
+                }
+            }
+            if !access.write {
+                // SAFETY: as above.
+                unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), slot, self.size) };
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks that the guest may make `access` to the `len` bytes at `linear`.
 fn probe(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64, len: usize, access: Access) -> Result<(), CopyError> {
     let p = paging(sregs);
-    for i in 0..len as u64 {
-        let address = linear.wrapping_add(i);
+    // The first byte's page, and the last byte's if the range crosses into
+    // the next one.
+    let last = linear.wrapping_add(len.saturating_sub(1) as u64);
+    for address in [linear, last] {
         walk::translate(&mut Ram(mem), &p, address, access).map_err(|e| match e {
             WalkError::PageFault { error_code } => CopyError::PageFault { linear: address, error_code },
             WalkError::OutsideRam => CopyError::Efault,
@@ -478,24 +540,17 @@ pub(crate) fn complete_string_in(vcpu: &Vcpu, state: &mut VcpuState) -> Result {
     let backwards = regs.rflags & RFLAGS_DF != 0;
     let linear = string_destination(&state.g.sregs, regs.rdi, p.address_bits);
     let size = usize::from(p.size);
-    let pio = vcpu.pio_page.as_ptr();
+    let pio = vcpu.pio_page.as_ptr().cast_mut();
     let mem = vcpu.vm.memory();
     let access = access_of(state, true, false);
-    for i in 0..u64::from(count) {
-        let offset = i * size as u64;
-        let element = if backwards { linear.wrapping_sub(offset) } else { linear.wrapping_add(offset) };
-        let mut data = [0u8; 4];
-        // SAFETY: the PIO page is ours; offset + size <= PAGE_SIZE (at
-        // most `p.count` elements, which fitted it at the exit).
-        unsafe { core::ptr::copy_nonoverlapping(pio.add(offset as usize), data.as_mut_ptr(), size) };
-        match copy_linear(mem, &state.g.sregs, element, &mut data[..size], access) {
-            Ok(()) => {}
-            Err(CopyError::PageFault { linear, error_code }) => {
-                inject_page_fault(state, linear, error_code);
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
+    let batch = StringBatch { linear, size, count, backwards };
+    match batch.move_data(mem, &state.g.sregs, access, pio) {
+        Ok(()) => {}
+        Err(CopyError::PageFault { linear, error_code }) => {
+            inject_page_fault(state, linear, error_code);
+            return Ok(());
         }
+        Err(e) => return Err(e.into()),
     }
     advance(state, count, size, p.address_bits, p.rep, p.instruction_len, true, backwards);
     Ok(())

@@ -167,7 +167,7 @@ pub(crate) fn get_user_page_fast(hva: u64) -> Option<PageRef> {
 }
 
 /// The most pages [`get_user_pages`] takes at once.
-pub(crate) const MAX_PAGES_AT_ONCE: usize = 16;
+pub(crate) const MAX_PAGES_AT_ONCE: usize = 64;
 
 /// Faults in and takes up to `n` (at most [`MAX_PAGES_AT_ONCE`]) writable
 /// pages of the calling process from `hva` on, calling `f(i, page)` for
@@ -212,6 +212,16 @@ pub(crate) enum Counter {
     Vms = 2,
     /// vCPUs alive.
     Vcpus = 3,
+    /// Since load: guest pages mapped from the exit handler (the VMM had
+    /// them present).
+    PagesMappedFast = 4,
+    /// Since load: guest pages mapped after faulting them into the VMM.
+    PagesMappedSlow = 5,
+    /// Since load: MMU-notifier invalidations of guest memory.
+    Invalidations = 6,
+    /// Since load: guest pages unmapped (invalidations, slot changes, VMs
+    /// going away).
+    PagesUnmapped = 7,
 }
 
 /// One object counted in a [`Counter`] for as long as this value lives.
