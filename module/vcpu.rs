@@ -264,38 +264,53 @@ impl Vcpu {
     }
 }
 
-/// The most entries one KVM_GET_MSRS/KVM_SET_MSRS may carry (KVM's
-/// KVM_MAX_MSR_ENTRIES).
-const MAX_MSR_ENTRIES: u32 = 256;
+/// KVM_GET_MSRS/KVM_SET_MSRS take fewer entries than this (KVM's
+/// MAX_IO_MSRS: 256 or more is E2BIG).
+const MAX_IO_MSRS: u32 = 256;
 
 impl Vcpu {
-    /// KVM_GET_MSRS (`set` false) or KVM_SET_MSRS: `struct kvm_msrs`, a
-    /// count then entries. Returns how many MSRs were processed: processing
-    /// stops at the first unknown MSR or refused value, as in KVM.
+    /// KVM_GET_MSRS (`set` false) or KVM_SET_MSRS: `struct kvm_msrs`, an
+    /// 8-byte header (count, padding) then the entries. As KVM's `msr_io`:
+    /// the header and every entry are read first (EFAULT if any cannot be),
+    /// processing stops at the first unknown MSR or refused value, and
+    /// KVM_GET_MSRS writes every entry back (EFAULT if it cannot). Returns
+    /// how many MSRs were processed.
     fn msr_ioctl(&self, arg: usize, set: bool) -> Result<isize> {
-        let nmsrs: u32 = UserSlice::new(arg, 4).reader().read()?;
-        if nmsrs > MAX_MSR_ENTRIES {
+        // The count, then 4 bytes of padding: both must be readable.
+        let header: u64 = UserSlice::new(arg, 8).reader().read()?;
+        let nmsrs = header as u32;
+        if nmsrs >= MAX_IO_MSRS {
             return Err(kernel::error::code::E2BIG);
         }
         let entry_size = core::mem::size_of::<kvm_msr_entry>();
         let mut reader = UserSlice::new(arg, 8 + nmsrs as usize * entry_size).reader();
         reader.skip(8)?;
-        let mut state = self.state.lock_killable()?;
-        let GuestState { msrs: kept, msr_features, sregs, dirty, .. } = &mut state.g;
+        let mut entries = KVec::with_capacity(nmsrs as usize, GFP_KERNEL)?;
+        for _ in 0..nmsrs {
+            entries.push(reader.read::<kvm_msr_entry>()?, GFP_KERNEL)?;
+        }
         let mut done = 0;
-        for i in 0..nmsrs as usize {
-            let mut entry: kvm_msr_entry = reader.read()?;
-            if set {
-                if !msrs::set(kept, sregs, msr_features, entry.index, entry.data) {
-                    break;
+        {
+            let mut state = self.state.lock_killable()?;
+            let GuestState { msrs: kept, msr_features, sregs, dirty, .. } = &mut state.g;
+            for entry in entries.iter_mut() {
+                if set {
+                    if !msrs::set(kept, sregs, msr_features, entry.index, entry.data) {
+                        break;
+                    }
+                    *dirty = true;
+                } else {
+                    let Some(value) = msrs::get(kept, sregs, msr_features, entry.index) else { break };
+                    entry.data = value;
                 }
-                *dirty = true;
-            } else {
-                let Some(value) = msrs::get(kept, sregs, msr_features, entry.index) else { break };
-                entry.data = value;
-                UserSlice::new(arg + 8 + i * entry_size, entry_size).writer().write(&entry)?;
+                done += 1;
             }
-            done += 1;
+        }
+        if !set {
+            let mut writer = UserSlice::new(arg + 8, nmsrs as usize * entry_size).writer();
+            for entry in entries.iter() {
+                writer.write(entry)?;
+            }
         }
         Ok(done)
     }
