@@ -20,10 +20,11 @@ FUZZ_IOCTLS=${FUZZ_IOCTLS:-20000}
 FUZZ_GUESTS=${FUZZ_GUESTS:-300}
 COUNTS=/sys/kernel/debug/rkvm/pages
 
-# What rkvm holds now: every count must be 0 with no VM left.
+# What rkvm holds now (the first four counts; the rest count events since
+# load): with no VM left, nothing.
 rkvm_holds_nothing() {
     cat $COUNTS
-    awk '$2 != 0 { bad = 1 } END { exit bad }' $COUNTS
+    awk '/^(guest_pages_held|ept_table_pages|vms|vcpus) / && $2 != 0 { bad = 1 } END { exit bad }' $COUNTS
 }
 
 # fuzz DEV TAG [OPTIONS]

@@ -162,9 +162,14 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
 /// `--interrupts-on`, for a device that cannot take its vCPU back from such
 /// a guest (KVM under Bochs: external interrupts there do not exit while the
 /// guest's IF is 0, and KVM has no other way back). Then every KVM_SET_REGS
-/// and synced register state the fuzzer gives sets IF, and guest code has
-/// no CLI, POPF or IRET (replaced by NOP).
+/// and synced register state the fuzzer gives sets IF, guest code has no
+/// CLI, POPF or IRET (replaced by NOP), and guest memory is filled with HLT
+/// around the code, so that exception handlers a guest never set up halt.
 pub const IF_CLEARING_OPCODES: [u8; 3] = [0xfa, 0x9d, 0xcf];
+
+/// HLT, which guest memory is filled with under `--interrupts-on`
+/// (`memory::Arena::reserve`).
+pub const HLT: u8 = 0xf4;
 
 /// Parses a comma list of phase names; they run in the canonical order.
 fn phases(list: &str) -> Result<Vec<Phase>, String> {

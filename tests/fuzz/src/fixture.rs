@@ -112,11 +112,17 @@ impl Fixture {
         Some(f)
     }
 
-    /// Clears RAM and writes the tables of `mode` and `code`.
+    /// Clears RAM and writes the tables of `mode` and `code`. With
+    /// `--interrupts-on`, RAM past the tables is HLT and every handler
+    /// halts (see cli.rs).
     pub fn load(&mut self, ctx: &mut Ctx<'_>, mode: Mode, code: &[u8]) -> Option<()> {
+        let halting = ctx.shared.opts.interrupts_on;
         let mem = self.ram.bytes_mut()?;
         mem.fill(0);
-        modes::write_tables(mem, mode, code.len() as u64, &mut ctx.rng);
+        if halting {
+            mem[layout::CODE as usize..].fill(crate::cli::HLT);
+        }
+        modes::write_tables(mem, mode, code.len() as u64, &mut ctx.rng, halting);
         let at = layout::CODE as usize;
         let n = code.len().min(layout::CODE_MAX as usize);
         mem[at..at + n].copy_from_slice(&code[..n]);

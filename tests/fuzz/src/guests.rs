@@ -121,6 +121,12 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
         if ctx.rng.chance(1, 2) {
             let data = (layout::CODE + layout::CODE_MAX) as usize;
             ctx.rng.fill(&mut mem[data..data + 0x1_0000]);
+            if ctx.shared.opts.interrupts_on {
+                // Data a guest may also jump into: no IF-clearing opcode.
+                for b in mem[data..data + 0x1_0000].iter_mut().filter(|b| crate::cli::IF_CLEARING_OPCODES.contains(b)) {
+                    *b = 0x90;
+                }
+            }
         }
     }
     second_slot(ctx, m);

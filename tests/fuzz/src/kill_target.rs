@@ -59,7 +59,7 @@ pub fn serve(dev: &str, vcpus: u32, interrupts_on: bool) -> ! {
     let vm = call(sysfd.as_raw_fd(), nr::KVM_CREATE_VM, &mut s, None, 0)
         .unwrap_or_else(|e| fail("KVM_CREATE_VM", e));
     let vm = adopt(vm).unwrap_or_else(|| fail("KVM_CREATE_VM", 0));
-    let arena = Arena::reserve().unwrap_or_else(|e| fail("arena", e));
+    let arena = Arena::reserve(0).unwrap_or_else(|e| fail("arena", e));
     let mut mem = arena
         .chunk(1 << 20)
         .unwrap_or_else(|e| fail("guest memory", e));

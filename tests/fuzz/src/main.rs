@@ -184,7 +184,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let arena = match memory::Arena::reserve() {
+    let arena = match memory::Arena::reserve(if opts.interrupts_on { crate::cli::HLT } else { 0 }) {
         Ok(a) => a,
         Err(e) => {
             eprintln!(

@@ -39,22 +39,29 @@ const HUGE_PAGE: usize = 2 << 20;
 pub struct Arena {
     base: usize,
     len: usize,
+    /// The byte new guest memory is filled with (see [`Arena::reserve`]).
+    fill: u8,
     /// The next offset to hand out in the chunk zone.
     next: AtomicUsize,
 }
 
 impl Arena {
-    /// Reserves the arena.
+    /// Reserves the arena. New guest memory is filled with `fill`: 0 as
+    /// a VMM's fresh memory is, or HLT (0xf4) with `--interrupts-on`, so
+    /// that a guest that strays from its code, or takes an exception
+    /// through a real-mode IVT it never set up, halts (HLT exits) instead
+    /// of running on through zeros with interrupts off.
     ///
     /// # Errors
     /// The errno of mmap, when the range is not free (another arena, an
     /// unusual address-space layout) or the kernel refuses the size.
-    pub fn reserve() -> Result<Arena, Errno> {
+    pub fn reserve(fill: u8) -> Result<Arena, Errno> {
         let base = sys::reserve(ARENA_BASE, ARENA_LEN)?;
         // INVARIANT: the whole range was just reserved.
         Ok(Arena {
             base,
             len: ARENA_LEN,
+            fill,
             next: AtomicUsize::new(0),
         })
     }
@@ -85,7 +92,8 @@ impl Arena {
         self.base + at.next_multiple_of(align)
     }
 
-    /// A new read-write chunk of `len` bytes (rounded up to pages), zeroed.
+    /// A new read-write chunk of `len` bytes (rounded up to pages), filled
+    /// with the arena's fill byte.
     ///
     /// # Errors
     /// The errno of mmap.
@@ -96,11 +104,16 @@ impl Arena {
         // (`take`), which this process reserved and which holds nothing
         // but guest memory.
         unsafe { sys::map_fixed(addr, len, libc::PROT_READ | libc::PROT_WRITE)? };
+        if self.fill != 0 {
+            // SAFETY: just mapped read-write, `len` bytes, this chunk's.
+            unsafe { std::ptr::write_bytes(addr as *mut u8, self.fill, len) };
+        }
         // INVARIANT: just mapped read-write.
         Ok(Chunk {
             addr,
             len,
             access: Access::ReadWrite,
+            fill: self.fill,
         })
     }
 }
@@ -127,6 +140,8 @@ pub struct Chunk {
     addr: usize,
     len: usize,
     access: Access,
+    /// The arena's fill byte, for a mapping made afresh.
+    fill: u8,
 }
 
 impl Chunk {
@@ -173,6 +188,10 @@ impl Chunk {
             // it was unmapped (invariant); mapping over it touches nothing
             // else.
             unsafe { sys::map_fixed(self.addr, self.len, prot)? };
+            if self.fill != 0 && to == Access::ReadWrite {
+                // SAFETY: just mapped read-write, this chunk's range.
+                unsafe { std::ptr::write_bytes(self.addr as *mut u8, self.fill, self.len) };
+            }
         } else {
             // SAFETY: the range is this chunk's (invariant), so changing
             // its protection affects no other memory.

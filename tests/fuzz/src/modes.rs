@@ -104,12 +104,17 @@ fn put64(mem: &mut [u8], at: u64, v: u64) {
 /// Writes the tables of `mode` into `mem` (guest-physical 0 onwards):
 /// IVT, GDT, IDT, TSS, page tables and handler stubs. Interrupt vectors
 /// lead into the code at random places or to a `hlt; iret` stub.
-pub fn write_tables(mem: &mut [u8], mode: Mode, code_len: u64, rng: &mut Rng) {
+///
+/// With `halting_handlers` every vector goes to the HLT stub (for
+/// `--interrupts-on`: a handler in random code would run with IF clear).
+pub fn write_tables(mem: &mut [u8], mode: Mode, code_len: u64, rng: &mut Rng, halting_handlers: bool) {
     let stub = layout::STUBS;
     mem[stub as usize..stub as usize + 4].copy_from_slice(&[0xf4, 0xcf, 0xf4, 0x48]);
     mem[stub as usize + 4] = 0xcf; // at stub + 2: hlt; iretq
     let handler = |rng: &mut Rng| {
-        if rng.chance(1, 2) {
+        // Both draws happen either way, so that the rest of the run takes
+        // the same random numbers with and without `halting_handlers`.
+        if rng.chance(1, 2) && !halting_handlers {
             layout::CODE + rng.below(code_len.max(1))
         } else {
             stub + if mode == Mode::Long { 2 } else { 0 }
@@ -301,7 +306,7 @@ mod tests {
     #[test]
     fn long_mode_tables_map_the_first_gib() {
         let mut mem = vec![0u8; layout::RAM as usize];
-        write_tables(&mut mem, Mode::Long, 16, &mut Rng::new(1));
+        write_tables(&mut mem, Mode::Long, 16, &mut Rng::new(1), false);
         let at = |a: u64| {
             u64::from_le_bytes(mem[a as usize..a as usize + 8].try_into().expect("8 bytes"))
         };
