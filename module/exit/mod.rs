@@ -93,18 +93,24 @@ impl ExitContext<'_, '_> {
     }
 }
 
-/// KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON with the exit reason and CPU.
-fn unexpected(ctx: &mut ExitContext<'_, '_>, exit: ExitReason) -> Result<ExitAction> {
-    let run = ctx.run();
-    // SAFETY: our run page; the union member matches the exit reason.
+/// Fills `kvm_run` for KVM_EXIT_INTERNAL_ERROR: `suberror` and its data
+/// words (at most 16, as the ABI holds).
+pub(crate) fn report_internal_error(run: *mut kvm_run, suberror: u32, data: &[u64]) {
+    // SAFETY: `run` is the vCPU's own run page; `internal` is the union
+    // member for this exit reason.
     unsafe {
         (*run).exit_reason = KVM_EXIT_INTERNAL_ERROR;
         let internal = &mut (*run).__bindgen_anon_1.internal;
-        internal.suberror = KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON;
-        internal.ndata = 2;
-        internal.data[0] = exit.0.into();
-        internal.data[1] = glue::this_cpu().into();
+        internal.suberror = suberror;
+        let n = data.len().min(internal.data.len());
+        internal.ndata = n as u32;
+        internal.data[..n].copy_from_slice(&data[..n]);
     }
+}
+
+/// KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON with the exit reason and CPU.
+fn unexpected(ctx: &mut ExitContext<'_, '_>, exit: ExitReason) -> Result<ExitAction> {
+    report_internal_error(ctx.run(), KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, &[exit.0.into(), glue::this_cpu().into()]);
     Ok(ExitAction::ToUser)
 }
 
@@ -196,19 +202,11 @@ fn ept_violation(ctx: &mut ExitContext<'_, '_>, exit: ExitReason) -> Result<Exit
         // a TSS in MMIO): the instruction at RIP did not make it, so there
         // is nothing to emulate. KVM reports this the same way
         // (KVM_INTERNAL_ERROR_DELIVERY_EV with these data words).
-        let run = ctx.run();
-        // SAFETY: our run page; the union member matches the exit reason.
-        unsafe {
-            (*run).exit_reason = KVM_EXIT_INTERNAL_ERROR;
-            let internal = &mut (*run).__bindgen_anon_1.internal;
-            internal.suberror = KVM_INTERNAL_ERROR_DELIVERY_EV;
-            internal.ndata = 5;
-            internal.data[0] = vectoring;
-            internal.data[1] = exit.0.into();
-            internal.data[2] = qualification;
-            internal.data[3] = gpa;
-            internal.data[4] = glue::this_cpu().into();
-        }
+        report_internal_error(
+            ctx.run(),
+            KVM_INTERNAL_ERROR_DELIVERY_EV,
+            &[vectoring, exit.0.into(), qualification, gpa, glue::this_cpu().into()],
+        );
         return Ok(ExitAction::ToUser);
     }
     Ok(ExitAction::Slow(slow::SlowExit::Mmio { gpa, fetch: rkvm_core::exit::EptViolation::decode(qualification).fetch }))

@@ -207,13 +207,7 @@ fn gpr(regs: &mut kvm_regs, index: u8) -> &mut u64 {
 }
 
 fn internal_error(vcpu: &Vcpu, suberror: u32) {
-    let run = run_struct(vcpu);
-    // SAFETY: our run page; `internal` is the member for this exit reason.
-    unsafe {
-        (*run).exit_reason = KVM_EXIT_INTERNAL_ERROR;
-        (*run).__bindgen_anon_1.internal.suberror = suberror;
-        (*run).__bindgen_anon_1.internal.ndata = 0;
-    }
+    super::report_internal_error(run_struct(vcpu), suberror, &[]);
 }
 
 fn code_size(sregs: &kvm_sregs) -> CodeSize {

@@ -105,13 +105,7 @@ sigterm_stops_a_looping_guest() {
     sleep 1
     kill -0 $pid
     kill -TERM $pid
-    i=0
-    while kill -0 $pid 2>/dev/null; do
-        i=$((i + 1))
-        [ $i -le 10 ] || { echo "still running 1 s after SIGTERM"; return 1; }
-        sleep 0.1
-    done
-    wait $pid || true
+    wait_gone $pid 10
 }
 
 # SIGKILL mid-run: the fds close, the VM goes, the module can unload (and

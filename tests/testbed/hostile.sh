@@ -81,13 +81,7 @@ spin() {
     grep -q "spinning 2 vCPUs" /tmp/spin.out
     host_is_responsive
     kill -KILL $pid
-    i=0
-    while kill -0 $pid 2>/dev/null; do
-        i=$((i + 1))
-        [ $i -le 50 ] || { echo "still there 5 s after SIGKILL"; return 1; }
-        sleep 0.1
-    done
-    wait $pid 2>/dev/null || true
+    wait_gone $pid 50
 }
 
 spinning_guests_on_rkvm() {

@@ -49,6 +49,18 @@ expect_status() {
     fi
 }
 
+# wait_gone PID TENTHS: succeeds once process PID is gone (reaped too),
+# within TENTHS tenths of a second.
+wait_gone() {
+    i=0
+    while kill -0 "$1" 2>/dev/null; do
+        i=$((i + 1))
+        [ $i -le "$2" ] || { echo "process $1 still there after $2 tenths of a second"; return 1; }
+        sleep 0.1
+    done
+    wait "$1" 2>/dev/null || true
+}
+
 # dmesg_count PATTERN: how many kernel log lines match (fixed string).
 dmesg_count() {
     dmesg | grep -cF "$1" || true
