@@ -241,15 +241,20 @@ fn slots_beyond_the_guest_physical_space(c: &mut Checks, kvm: &Kvm, tdp: bool) {
     // on use): a low, unmapped address leaves room for 8 TiB below the end
     // of user space, so the size itself is what the device must cope with
     // (rkvm once allocated an array of that many page pointers first).
+    //
+    // Only with EPT: a KVM without it takes such a slot, and its shadow
+    // paging allocates metadata for every page of it (16 GiB, a minute).
     let unmapped = 0x1000_0000;
     let max_pages = (1u64 << 31) - 1;
-    match set_region(&g.vm, region(3, 1 << 32, max_pages * PAGE, unmapped, 0)) {
-        Ok(()) => {
-            c.check("a slot of 2^31-1 pages is accepted (KVM on a host with room for it)", true, "");
-            c.success("and deleted", set_region(&g.vm, region(3, 0, 0, 0, 0)));
+    if tdp {
+        match set_region(&g.vm, region(3, 1 << 32, max_pages * PAGE, unmapped, 0)) {
+            Ok(()) => {
+                c.check("a slot of 2^31-1 pages is accepted (KVM on a host with room for it)", true, "");
+                c.success("and deleted", set_region(&g.vm, region(3, 0, 0, 0, 0)));
+            }
+            Err(e) => c.check("a slot of 2^31-1 pages is refused with EINVAL (beyond the host's MAXPHYADDR)",
+                              e.errno() == libc::EINVAL, e),
         }
-        Err(e) => c.check("a slot of 2^31-1 pages is refused with EINVAL (beyond the host's MAXPHYADDR)",
-                          e.errno() == libc::EINVAL, e),
     }
     c.errno("a slot of 2^31 pages fails with EINVAL",
             set_region(&g.vm, region(3, 1 << 32, (1 << 31) * PAGE, unmapped, 0)), libc::EINVAL);
