@@ -70,6 +70,8 @@ void rkvm_mitigations_exit(void);
 void rkvm_ibpb(void);
 u64 rkvm_host_spec_ctrl(void);
 void rkvm_l1d_flush(void);
+void rkvm_load_guest_debug(const u64 *dr, u64 dr6, bool breakpoints);
+u64 rkvm_take_guest_dr6(void);
 
 /* The host's IA32_DEBUGCTL, read once per KVM_RUN (as KVM's vcpu_load):
  * VM exit clears it (SDM Vol. 3C, 28.5.1). */
@@ -94,6 +96,44 @@ void rkvm_restore_host_debug(unsigned long debugctl)
 #endif
 	if (debugctl)
 		update_debugctlmsr(debugctl);
+}
+
+/*
+ * Right before VM entry (interrupts off): the debug registers VM entry does
+ * not load. A guest whose DR7 enables breakpoints gets its own DR0-DR3 in
+ * the CPU (else its DR7 would arm whatever the host left there: the host's
+ * watchpoint addresses, matched against guest addresses), as KVM does when
+ * the guest uses breakpoints; a guest DR6 other than its reset value goes
+ * in too, so that a #DB in the guest adds to it as on hardware.
+ */
+void rkvm_load_guest_debug(const u64 *dr, u64 dr6, bool breakpoints)
+{
+	if (breakpoints) {
+		set_debugreg(dr[0], 0);
+		set_debugreg(dr[1], 1);
+		set_debugreg(dr[2], 2);
+		set_debugreg(dr[3], 3);
+	}
+	if (dr6 != DR6_RESERVED)
+		set_debugreg(dr6, 6);
+}
+
+/*
+ * Right after VM exit: DR6 as the guest left it. VM exit does not switch
+ * DR6, and a #DB the guest took itself (its TF, its breakpoints, INT1)
+ * sets bits there; left in the CPU, they would add to the host's next #DB
+ * and the kernel would send a stray SIGTRAP (exc_debug_user). So the CPU's
+ * DR6 goes back to its reset value (what the kernel keeps between #DBs)
+ * whenever the guest changed it.
+ */
+u64 rkvm_take_guest_dr6(void)
+{
+	unsigned long dr6;
+
+	get_debugreg(dr6, 6);
+	if (dr6 != DR6_RESERVED)
+		set_debugreg(DR6_RESERVED, 6);
+	return dr6;
 }
 
 /*

@@ -32,6 +32,9 @@ use crate::vmx::guest_state as gs;
 use crate::vmx::insn;
 use crate::vmx::vmcs::LoadedVmcs;
 
+/// DR7's local and global enable bits for DR0-DR3 (SDM Vol. 3B, 19.2.4).
+const DR7_ENABLES: u64 = 0xff;
+
 /// What this CPU's host needs back after each exit, read once per
 /// KVM_RUN.
 struct HostCpu {
@@ -226,12 +229,17 @@ impl Vcpu {
             if host_cpu.mitigations.has(Mitigations::L1D_FLUSH) {
                 glue::cpu::l1d_flush();
             }
+            // SAFETY: interrupts are off until the entry; the guest's DR6
+            // and the host's debug state are taken back right after it.
+            unsafe { glue::cpu::load_guest_debug(&g.debug.dr, g.debug.dr6, g.debug.dr7 & DR7_ENABLES != 0) };
             // SAFETY: interrupts and preemption are off; the VMCS is loaded
             // here with host state for this CPU and checked guest state;
             // the mitigations are the ones decided for this CPU.
             let result = unsafe { entry::enter(&mut g.gprs, vmcs.launched, host_cpu.mitigations, host_cpu.spec_ctrl) };
-            // The exit left DR7 at 0x400 and DEBUGCTL at 0: the host's
-            // breakpoints come back before anything else runs.
+            // The exit left DR7 at 0x400 and DEBUGCTL at 0, and DR6 as the
+            // guest made it: the guest's DR6 is kept, the host's debug state
+            // comes back before anything else runs.
+            g.debug.dr6 = glue::cpu::take_guest_dr6();
             glue::cpu::restore_host_debug(host_cpu.debugctl);
             fpu.exit(g.xcr0);
             g.sregs.cr2 = read_cr2();

@@ -1,8 +1,9 @@
 //! MOV to and from debug registers (MOV-DR exiting; SDM Vol. 3C, 26.1.3 and
 //! Table 28-4). DR7 is the VMCS's guest DR7 (loaded at entry, saved at
 //! exit: the debug-controls entry/exit controls); DR0-DR3 and DR6 are kept
-//! per vCPU and never reach the CPU, so the host's hardware breakpoints are
-//! untouched (and the guest's do not fire yet). DR4/DR5 alias DR6/DR7 unless
+//! per vCPU and go into the CPU around an entry when the guest arms
+//! breakpoints or left DR6 changed (glue_cpu.c), the host's coming back
+//! right after the exit. DR4/DR5 alias DR6/DR7 unless
 //! CR4.DE is set, where they raise #UD; a value with bits 63:32 set in DR6
 //! or DR7 raises #GP (SDM Vol. 3A, 19.2).
 
@@ -60,7 +61,11 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
             _ if value >> 32 != 0 => return ctx.inject_gp(),
             // DR6 bits 4-11, 16-31 read as 1; DR7 bit 10 reads as 1.
             6 => ctx.g.debug.dr6 = value | 0xffff_0ff0,
-            _ => ctx.vmcs.write(guest::DR7, value | 0x400)?,
+            _ => {
+                ctx.vmcs.write(guest::DR7, value | 0x400)?;
+                // Kept here too: the next entry loads DR0-DR3 if DR7 arms them.
+                ctx.g.debug.dr7 = value | 0x400;
+            }
         }
     }
     ctx.skip_instruction()?;

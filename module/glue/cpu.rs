@@ -19,6 +19,8 @@ mod ffi {
         pub(super) fn rkvm_ibpb();
         pub(super) fn rkvm_host_spec_ctrl() -> u64;
         pub(super) fn rkvm_l1d_flush();
+        pub(super) fn rkvm_load_guest_debug(dr: *const u64, dr6: u64, breakpoints: bool);
+        pub(super) fn rkvm_take_guest_dr6() -> u64;
     }
 }
 
@@ -96,6 +98,26 @@ pub(crate) fn restore_host_debug(debugctl: u64) {
     // SAFETY: writes the host's own values back; called on the CPU that
     // just left the guest, before anything that could rely on them.
     unsafe { ffi::rkvm_restore_host_debug(debugctl as usize) }
+}
+
+/// Right before VM entry: the guest's DR0-DR3 into the CPU if its DR7
+/// arms `breakpoints`, and its DR6 if it is not the reset value (VM entry
+/// loads DR7 only).
+///
+/// # Safety
+/// Interrupts are disabled until the entry, and [`take_guest_dr6`] and
+/// [`restore_host_debug`] follow the exit.
+pub(crate) unsafe fn load_guest_debug(dr: &[u64; 4], dr6: u64, breakpoints: bool) {
+    // SAFETY: debug-register writes; the host's come back after the exit
+    // (the caller's guarantee), and nothing runs in between.
+    unsafe { ffi::rkvm_load_guest_debug(dr.as_ptr(), dr6, breakpoints) }
+}
+
+/// Right after VM exit: the DR6 the guest left in the CPU, which goes back
+/// to its reset value (a stale bit would add to the host's next #DB).
+pub(crate) fn take_guest_dr6() -> u64 {
+    // SAFETY: reads DR6 and resets it to what the kernel keeps there.
+    unsafe { ffi::rkvm_take_guest_dr6() }
 }
 
 /// Hands a machine check that caused the last VM exit to the host's

@@ -16,8 +16,8 @@
 # The fuzzer's short run (tests/run); FUZZ_* override it (the long run is
 # documented in the README).
 FUZZ_SEED=${FUZZ_SEED:-1}
-FUZZ_IOCTLS=${FUZZ_IOCTLS:-20000}
-FUZZ_GUESTS=${FUZZ_GUESTS:-300}
+FUZZ_IOCTLS=${FUZZ_IOCTLS:-8000}
+FUZZ_GUESTS=${FUZZ_GUESTS:-120}
 COUNTS=/sys/kernel/debug/rkvm/pages
 
 # What rkvm holds now (the first four counts; the rest count events since
@@ -127,19 +127,6 @@ killed_mid_run() {
     rkvm_holds_nothing
 }
 
-# 100 VMs with memory, vCPUs and statistics fds: nothing left after them.
-hundred_vms() {
-    use rkvm
-    i=0
-    while [ $i -lt 100 ]; do
-        status=0
-        rkvm run --dev /dev/rkvm --stats /payloads/exit-status-real.bin > /dev/null 2>&1 || status=$?
-        [ $status -eq 67 ] || { echo "run $i exited $status"; return 1; }
-        i=$((i + 1))
-    done
-    rkvm_holds_nothing
-}
-
 # A VMM that makes every VM entry fail, 200 times: the kernel log grows by
 # at most printk's rate limit (10 lines, then "callbacks suppressed").
 failed_entries_do_not_flood_the_log() {
@@ -162,10 +149,23 @@ forced_mitigations() {
     grep -q "RSB-fill" /tmp/mitigations
     grep -q "VERW" /tmp/mitigations
     grep -q "L1D-flush" /tmp/mitigations
-    rkvm-abi-check --dev /dev/rkvm --unrestricted-guest --rkvm > /tmp/abi-forced.out || { cat /tmp/abi-forced.out; return 1; }
-    tail -n 1 /tmp/abi-forced.out
-    rkvm run --dev /dev/rkvm /payloads/string-io-real.bin > /tmp/forced-string-io.out
-    rkvm run --dev /dev/rkvm --mode long /payloads/syscall-long.bin > /dev/null
+    # Every payload (port and string I/O, MMIO, CPUID, MSRs, SYSCALL in
+    # long mode, debug registers...) gives what it gave without them (the
+    # first-light suite's outputs, or a run now), and the host's watchpoint
+    # and the guest's page permissions hold.
+    if [ ! -s /tmp/rkvm-hello-real.out ]; then
+        rmmod rkvm
+        modprobe rkvm
+        run_all /dev/rkvm rkvm > /dev/null
+        rmmod rkvm
+        modprobe rkvm force_mitigations=1
+    fi
+    run_all /dev/rkvm forced > /dev/null
+    for pm in $PAYLOADS; do
+        diff /tmp/rkvm-${pm%%:*}.out /tmp/forced-${pm%%:*}.out
+    done
+    rkvm-abi-check --dev /dev/rkvm --unrestricted-guest --rkvm --hostile host-watchpoint
+    rkvm-abi-check --dev /dev/rkvm --unrestricted-guest --rkvm --hostile string-io-page-permissions
     rkvm_holds_nothing
     rmmod rkvm
 }
@@ -189,7 +189,6 @@ check "the fuzzer finds nothing on rkvm with the same run as KVM's" fuzz_rkvm_as
 check "guests in jmp \$ (IF off and on, 2 vCPUs, 2 VMs): host responsive, SIGKILL ends them, rmmod works" spinning_guests_on_rkvm
 check "guests in jmp \$ on KVM (IF on): host responsive, SIGKILL ends them" spinning_guests_on_kvm
 check "VMMs killed mid-run (1 and 2 vCPUs) leave nothing held" killed_mid_run
-check "100 VMs created and destroyed leave nothing held" hundred_vms
 check "200 failed VM entries log at most 10 lines" failed_entries_do_not_flood_the_log
 check "force_mitigations=1: every mitigation path runs and guests behave the same" forced_mitigations
 check "rmmod after all of it; kmemleak finds nothing" rmmod_and_kmemleak

@@ -83,3 +83,26 @@ use() {
     unload_all
     modprobe "$1"
 }
+
+# The test payloads (first-light, hostile), as name:mode[:mem] (default 2M
+# of RAM). The tool logs unclaimed port and MMIO accesses (RKVM_LOG=debug):
+# that log is compared too.
+PAYLOADS="hello-real:real exit-status-real:real io-real:real triple-fault-real:real
+hello-protected:protected hello-long:long cpuid-real:real msr-real:real string-io-real:real mmio-real:real:64K syscall-long:long dr-real:real"
+
+# run_all DEV TAG: every payload on DEV, output and status kept in /tmp.
+run_all() {
+    for pm in $PAYLOADS; do
+        p=${pm%%:*}
+        rest=${pm#*:}
+        mode=${rest%%:*}
+        mem=2M
+        [ "$rest" = "$mode" ] || mem=${rest#*:}
+        status=0
+        RKVM_LOG=debug rkvm run --dev "$1" --mode "$mode" --mem "$mem" "/payloads/$p.bin" \
+            > "/tmp/$2-$p.out" 2> "/tmp/$2-$p.err" || status=$?
+        echo "exit status $status" >> "/tmp/$2-$p.out"
+        sed 's/^/    /' "/tmp/$2-$p.out" "/tmp/$2-$p.err"
+    done
+}
+
