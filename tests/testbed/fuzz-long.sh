@@ -36,9 +36,7 @@ long_run() {
 
 unloads_clean() {
     if [ $module = rkvm ]; then
-        cat /sys/kernel/debug/rkvm/pages
-        awk '/^(guest_pages_held|ept_table_pages|vms|vcpus) / && $2 != 0 { bad = 1 } END { exit bad }' \
-            /sys/kernel/debug/rkvm/pages
+        rkvm_holds_nothing
         rmmod rkvm
         ! dmesg | grep "rkvm: unloading with"
     else

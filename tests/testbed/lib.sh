@@ -61,6 +61,15 @@ wait_gone() {
     wait "$1" 2>/dev/null || true
 }
 
+# rkvm_holds_nothing: what rkvm holds (/sys/kernel/debug/rkvm/pages: the
+# first four counts; the rest count events since load) is nothing, as
+# with no VM left.
+rkvm_holds_nothing() {
+    cat /sys/kernel/debug/rkvm/pages
+    awk '/^(guest_pages_held|ept_table_pages|vms|vcpus) / && $2 != 0 { bad = 1 } END { exit bad }' \
+        /sys/kernel/debug/rkvm/pages
+}
+
 # dmesg_count PATTERN: how many kernel log lines match (fixed string).
 dmesg_count() {
     dmesg | grep -cF "$1" || true
