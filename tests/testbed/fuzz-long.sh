@@ -3,13 +3,17 @@
 #
 #   qemu-testbed/run --cpus 2 --timeout 40000 -- /tests/fuzz-long.sh rkvm|kvm [FUZZER OPTIONS]
 #
-# FUZZ_SEED (1), FUZZ_IOCTLS (1000000) and FUZZ_GUESTS (100000) set the run;
-# the same options on both devices run the same program from the same seed
-# (--interrupts-on is always given: KVM under Bochs needs it, and rkvm then
-# takes the very same run). Afterwards the module unloads cleanly, rkvm
-# holds no page, table, VM or vCPU, and kmemleak finds nothing; the
-# launcher adds any kernel BUG, WARNING, Oops, lockup, RCU stall or hung
-# task to the verdict.
+# The run is a series of chunks, one rkvm-fuzz process per seed:
+# FUZZ_SEEDS ("1 2 ... 10") names them, FUZZ_IOCTLS (100000) and
+# FUZZ_GUESTS (10000) size each, so the default is 1,000,000 ioctls and
+# 100,000 guest runs. Chunks keep a long run's results: each chunk's
+# report is on the console as soon as it ends, and a series cut short can
+# be taken up with the seeds it did not reach. The same seeds on both
+# devices run the same program (--interrupts-on is always given: KVM under
+# Bochs needs it, and rkvm then takes the very same run). After each chunk
+# rkvm holds nothing; afterwards the module unloads cleanly and kmemleak
+# finds nothing; the launcher adds any kernel BUG, WARNING, Oops, lockup,
+# RCU stall or hung task to the verdict. The last lines add the chunks up.
 . /tests/lib.sh
 
 which=$1
@@ -19,18 +23,23 @@ rkvm) module=rkvm dev=/dev/rkvm ;;
 kvm) module=kvm_intel dev=/dev/kvm ;;
 *) echo "usage: fuzz-long.sh rkvm|kvm [rkvm-fuzz options]"; exit 2 ;;
 esac
-FUZZ_SEED=${FUZZ_SEED:-1}
-FUZZ_IOCTLS=${FUZZ_IOCTLS:-1000000}
-FUZZ_GUESTS=${FUZZ_GUESTS:-100000}
+FUZZ_SEEDS=${FUZZ_SEEDS:-1 2 3 4 5 6 7 8 9 10}
+FUZZ_IOCTLS=${FUZZ_IOCTLS:-100000}
+FUZZ_GUESTS=${FUZZ_GUESTS:-10000}
 
-long_run() {
-    use $module
+# chunk SEED [OPTIONS]: one rkvm-fuzz run; its report goes to
+# /tmp/fuzz-long-SEED.out and, whatever the verdict, to the console.
+chunk() {
+    seed=$1
+    shift
     start=$(date +%s)
     status=0
-    rkvm-fuzz --dev $dev --seed "$FUZZ_SEED" --ioctls "$FUZZ_IOCTLS" --guests "$FUZZ_GUESTS" \
-        --interrupts-on "$@" > /tmp/fuzz-long.out || status=$?
-    echo "emulated time: $(( $(date +%s) - start )) s" >> /tmp/fuzz-long.out
-    cat /tmp/fuzz-long.out
+    rkvm-fuzz --dev $dev --seed "$seed" --ioctls "$FUZZ_IOCTLS" --guests "$FUZZ_GUESTS" \
+        --interrupts-on "$@" > /tmp/fuzz-long-$seed.out 2>/tmp/fuzz-long-$seed.err || status=$?
+    echo "emulated time: $(( $(date +%s) - start )) s" >> /tmp/fuzz-long-$seed.out
+    if [ $module = rkvm ]; then
+        rkvm_holds_nothing >> /tmp/fuzz-long-$seed.out || status=1
+    fi
     return $status
 }
 
@@ -51,9 +60,28 @@ unloads_clean() {
     fi
 }
 
-check "rkvm-fuzz: $FUZZ_IOCTLS ioctls and $FUZZ_GUESTS guest runs on $dev (seed $FUZZ_SEED)" long_run "$@"
+use $module
+for seed in $FUZZ_SEEDS; do
+    check "rkvm-fuzz seed $seed: $FUZZ_IOCTLS ioctls and $FUZZ_GUESTS guest runs on $dev, nothing found" \
+        chunk "$seed" "$@"
+    echo "--- report, seed $seed"
+    cat /tmp/fuzz-long-$seed.out
+    tail -n 3 /tmp/fuzz-long-$seed.err
+done
 check "$module unloads afterwards, nothing held, kmemleak finds nothing" unloads_clean
-# The report, whatever the checks said.
-echo "--- report"
-cat /tmp/fuzz-long.out
+
+# The sum over the chunks: the fuzzer's own counts from each report.
+echo "--- all seeds ($FUZZ_SEEDS) on $dev"
+for seed in $FUZZ_SEEDS; do cat /tmp/fuzz-long-$seed.out; done | awk '
+    /^rkvm-fuzz: seed [0-9]+: / { ioctls += $4; runs += $6; findings += $9 }
+    /^KVM_RUN: [0-9]+ calls/ { calls += $2; in_exits = 0 }
+    /^  exits:/ { in_exits = 1; next }
+    /^  errors:/ { in_exits = 0 }
+    in_exits && /^    KVM_EXIT_/ { exits[$1] += $2 }
+    /^emulated time: / { secs += $3 }
+    END {
+        printf "ioctls %d, guest runs %d, KVM_RUN calls %d, findings %d, emulated time %d s\n",
+            ioctls, runs, calls, findings, secs
+        for (e in exits) printf "  %-26s %d\n", e, exits[e]
+    }'
 finish

@@ -18,7 +18,7 @@
 # The run's size; FUZZ_* override it (the long run: fuzz-long.sh).
 FUZZ_SEED=${FUZZ_SEED:-1}
 FUZZ_IOCTLS=${FUZZ_IOCTLS:-8000}
-FUZZ_GUESTS=${FUZZ_GUESTS:-120}
+FUZZ_GUESTS=${FUZZ_GUESTS:-300}
 
 # fuzz DEV TAG [OPTIONS]
 fuzz() {

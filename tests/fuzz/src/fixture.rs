@@ -9,7 +9,7 @@ use kvm_bindings::kvm_sregs;
 
 use crate::ctx::{Arg, Call, Ctx};
 use crate::ioctl_table::{nr, FdKind};
-use crate::memory::Chunk;
+use crate::memory::{self, Chunk};
 use crate::modes::{self, layout, Mode};
 use crate::objects::Vm;
 use crate::scratch::{bytes_of, from_bytes};
@@ -118,10 +118,9 @@ impl Fixture {
     pub fn load(&mut self, ctx: &mut Ctx<'_>, mode: Mode, code: &[u8]) -> Option<()> {
         let halting = ctx.shared.opts.interrupts_on;
         let mem = self.ram.bytes_mut()?;
-        mem.fill(0);
-        if halting {
-            mem[layout::CODE as usize..].fill(crate::cli::HLT);
-        }
+        let (below_code, rest) = mem.split_at_mut(layout::CODE as usize);
+        memory::fill(below_code, 0);
+        memory::fill(rest, if halting { crate::cli::HLT } else { 0 });
         modes::write_tables(mem, mode, code.len() as u64, &mut ctx.rng, halting);
         let at = layout::CODE as usize;
         let n = code.len().min(layout::CODE_MAX as usize);
