@@ -269,7 +269,10 @@ impl<'s> Ctx<'s> {
             Arg::Data(b) => {
                 let n = b.len().min(self.scratch.bytes().len());
                 self.scratch.bytes_mut()[..n].copy_from_slice(&b[..n]);
-                if self.shared.opts.interrupts_on && call.nr == ioctl_table::nr::KVM_SET_REGS && n >= RFLAGS_END {
+                if self.shared.opts.interrupts_on
+                    && call.nr == ioctl_table::nr::KVM_SET_REGS
+                    && n >= RFLAGS_END
+                {
                     // `--interrupts-on`: RFLAGS.IF stays set.
                     self.scratch.bytes_mut()[RFLAGS_IF_BYTE] |= RFLAGS_IF_BIT;
                 }

@@ -114,7 +114,10 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
     let len = ctx.rng.range(64, 8192) as usize;
     let mut code = codegen::generate(&mut ctx.rng, mode, len);
     if ctx.shared.opts.interrupts_on {
-        for b in code.iter_mut().filter(|b| crate::cli::IF_CLEARING_OPCODES.contains(b)) {
+        for b in code
+            .iter_mut()
+            .filter(|b| crate::cli::IF_CLEARING_OPCODES.contains(b))
+        {
             *b = 0x90;
         }
     }
@@ -128,7 +131,10 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
             ctx.rng.fill(&mut mem[data..data + 0x1_0000]);
             if ctx.shared.opts.interrupts_on {
                 // Data a guest may also jump into: no IF-clearing opcode.
-                for b in mem[data..data + 0x1_0000].iter_mut().filter(|b| crate::cli::IF_CLEARING_OPCODES.contains(b)) {
+                for b in mem[data..data + 0x1_0000]
+                    .iter_mut()
+                    .filter(|b| crate::cli::IF_CLEARING_OPCODES.contains(b))
+                {
                     *b = 0x90;
                 }
             }
@@ -160,7 +166,11 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
             }
             _ => break,
         };
-        hlt_chain = if exit.reason == KVM_EXIT_HLT { hlt_chain + 1 } else { 0 };
+        hlt_chain = if exit.reason == KVM_EXIT_HLT {
+            hlt_chain + 1
+        } else {
+            0
+        };
         if hlt_chain == MAX_HLT_CHAIN {
             break;
         }
