@@ -4,11 +4,12 @@
 #   qemu-testbed/run --cpus 2 --timeout 40000 -- /tests/fuzz-long.sh rkvm|kvm [FUZZER OPTIONS]
 #
 # The run is a series of chunks, one rkvm-fuzz process per seed:
-# FUZZ_SEEDS ("1 2 ... 10") names them, FUZZ_IOCTLS (100000) and
-# FUZZ_GUESTS (10000) size each, so the default is 1,000,000 ioctls and
-# 100,000 guest runs. Chunks keep a long run's results: each chunk's
-# report is on the console as soon as it ends, and a series cut short can
-# be taken up with the seeds it did not reach. The same seeds on both
+# FUZZ_SEEDS ("1 2 ... 10") names them, FUZZ_IOCTLS (50000) and
+# FUZZ_GUESTS (10000) size each, so the default is about 1,600,000 ioctls
+# (the guest runs make ioctls of their own) and 100,000 guest runs. Chunks
+# keep a long run's results: each chunk's report is on the console as soon
+# as it ends, and a series cut short can be taken up with the seeds it did
+# not reach. The same seeds on both
 # devices run the same program (--interrupts-on is always given: KVM under
 # Bochs needs it, and rkvm then takes the very same run). After each chunk
 # rkvm holds nothing; afterwards the module unloads cleanly and kmemleak
@@ -24,7 +25,7 @@ kvm) module=kvm_intel dev=/dev/kvm ;;
 *) echo "usage: fuzz-long.sh rkvm|kvm [rkvm-fuzz options]"; exit 2 ;;
 esac
 FUZZ_SEEDS=${FUZZ_SEEDS:-1 2 3 4 5 6 7 8 9 10}
-FUZZ_IOCTLS=${FUZZ_IOCTLS:-100000}
+FUZZ_IOCTLS=${FUZZ_IOCTLS:-50000}
 FUZZ_GUESTS=${FUZZ_GUESTS:-10000}
 
 # chunk SEED [OPTIONS]: one rkvm-fuzz run; its report goes to

@@ -11,7 +11,9 @@
 //! - INS/OUTS at CPL 3 on pages the guest's page tables protect;
 //! - guest memory the VMM gives up (MADV_DONTNEED, munmap, a new mapping);
 //! - a forked child using its parent's VM;
-//! - the host's hardware watchpoint after a guest ran (DR7 after VM exit).
+//! - the host's hardware watchpoint after a guest ran (DR7 after VM exit);
+//! - a CPUID table header that runs into a page that cannot be read
+//!   (found by rkvm-fuzz).
 //!
 //! Guests are tiny and written as bytes, each instruction commented.
 
@@ -432,6 +434,37 @@ fn guest_memory_follows_the_vmm(c: &mut Checks, kvm: &Kvm, tdp: bool) {
 /// A forked child may not use its parent's VM: KVM answers EIO at once
 /// for another process (rkvm once let the child wait, unkillable, for the
 /// vCPU its parent was running, or add slots of its own memory).
+/// `struct kvm_cpuid2` is `nent` and 4 bytes of padding; KVM reads all 8
+/// bytes before anything else, so a header whose padding lies in a page
+/// that cannot be read is EFAULT, for KVM_SET_CPUID2 and for
+/// KVM_GET_SUPPORTED_CPUID alike (rkvm read only `nent`: SET_CPUID2 with
+/// `nent` 0 succeeded, GET_SUPPORTED_CPUID said E2BIG).
+fn cpuid_header_into_an_inaccessible_page(c: &mut Checks, kvm: &Kvm) {
+    let Some(g) = c.success("a guest for KVM_SET_CPUID2", Guest::new(kvm, &HLT)) else { return };
+    const PAGE: u64 = 4096;
+    let pages = Mapping::new(2 * PAGE as usize);
+    // PROT_NONE rather than munmap: the mapping stays this function's, so
+    // nothing else can be mapped there before it is dropped.
+    // SAFETY: the second page of a mapping this function owns; nothing
+    // refers to it.
+    let r = unsafe { libc::mprotect((pages.hva() + PAGE) as *mut libc::c_void, PAGE as usize, libc::PROT_NONE) };
+    if r != 0 {
+        c.check("mprotect of the second page", false, std::io::Error::last_os_error());
+        return;
+    }
+    // nent = 0 in the last 4 bytes of the first page; the padding would
+    // be the first bytes of the inaccessible one.
+    let header = pages.hva() + PAGE - 4;
+    // SAFETY: `header` is the last 4 bytes of the mapped page.
+    unsafe { (header as *mut u32).write(0) };
+    let set = crate::raw_ioctl(&g.vcpu, 0x4008_ae90, header);
+    c.check("KVM_SET_CPUID2 with the header's padding in an inaccessible page fails with EFAULT",
+            set == Err(libc::EFAULT), format!("{set:?}"));
+    let get = crate::raw_ioctl(kvm, 0xc008_ae05, header);
+    c.check("KVM_GET_SUPPORTED_CPUID with the header's padding in an inaccessible page fails with EFAULT",
+            get == Err(libc::EFAULT), format!("{get:?}"));
+}
+
 fn a_forked_child_gets_eio(c: &mut Checks, kvm: &Kvm) {
     // sti; jmp $: the vCPU never leaves the guest by itself. (Interrupts
     // on: under Bochs, KVM's vCPU would not even see the signal that stops
@@ -726,6 +759,7 @@ const CHECKS: &[(&str, Applies, fn(&mut Checks, &Kvm, bool))] = &[
         mmio_during_interrupt_delivery_is_not_the_instruction_at_rip(c, k)
     }),
     ("failed-entries", Applies::UnrestrictedGuest, |c, k, _| failed_entries_in_a_loop(c, k)),
+    ("cpuid-header-inaccessible", Applies::Always, |c, k, _| cpuid_header_into_an_inaccessible_page(c, k)),
     ("host-watchpoint", Applies::Always, |c, k, _| {
         host_watchpoint_after_a_guest(c, k);
     }),
