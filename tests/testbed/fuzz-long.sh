@@ -71,18 +71,8 @@ for seed in $FUZZ_SEEDS; do
 done
 check "$module unloads afterwards, nothing held, kmemleak finds nothing" unloads_clean
 
-# The sum over the chunks: the fuzzer's own counts from each report.
+# The sum over the chunks, from their reports (fuzz-sum.awk also adds up
+# long runs spread over several boots, on the host).
 echo "--- all seeds ($FUZZ_SEEDS) on $dev"
-for seed in $FUZZ_SEEDS; do cat /tmp/fuzz-long-$seed.out; done | awk '
-    /^rkvm-fuzz: seed [0-9]+: / { ioctls += $4; runs += $6; findings += $9 }
-    /^KVM_RUN: [0-9]+ calls/ { calls += $2; in_exits = 0 }
-    /^  exits:/ { in_exits = 1; next }
-    /^  errors:/ { in_exits = 0 }
-    in_exits && /^    KVM_EXIT_/ { exits[$1] += $2 }
-    /^emulated time: / { secs += $3 }
-    END {
-        printf "ioctls %d, guest runs %d, KVM_RUN calls %d, findings %d, emulated time %d s\n",
-            ioctls, runs, calls, findings, secs
-        for (e in exits) printf "  %-26s %d\n", e, exits[e]
-    }'
+for seed in $FUZZ_SEEDS; do cat /tmp/fuzz-long-$seed.out; done | awk -f /tests/fuzz-sum.awk
 finish
