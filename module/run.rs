@@ -229,8 +229,9 @@ impl Vcpu {
             if host_cpu.mitigations.has(Mitigations::L1D_FLUSH) {
                 glue::cpu::l1d_flush();
             }
-            // SAFETY: interrupts are off until the entry; the guest's DR6
-            // and the host's debug state are taken back right after it.
+            // The guest's DR6 and the host's debug state are taken back
+            // right after the exit.
+            // SAFETY: interrupts are off from here until the entry.
             unsafe { glue::cpu::load_guest_debug(&g.debug.dr, g.debug.dr6, g.debug.dr7 & DR7_ENABLES != 0) };
             // SAFETY: interrupts and preemption are off; the VMCS is loaded
             // here with host state for this CPU and checked guest state;

@@ -108,8 +108,9 @@ pub(crate) fn restore_host_debug(debugctl: u64) {
 /// Interrupts are disabled until the entry, and [`take_guest_dr6`] and
 /// [`restore_host_debug`] follow the exit.
 pub(crate) unsafe fn load_guest_debug(dr: &[u64; 4], dr6: u64, breakpoints: bool) {
-    // SAFETY: debug-register writes; the host's come back after the exit
-    // (the caller's guarantee), and nothing runs in between.
+    // Nothing runs between this and the entry; the host's registers come
+    // back after the exit (the caller's guarantee).
+    // SAFETY: debug-register writes only, undone right after the exit.
     unsafe { ffi::rkvm_load_guest_debug(dr.as_ptr(), dr6, breakpoints) }
 }
 

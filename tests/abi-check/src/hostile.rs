@@ -445,8 +445,7 @@ fn cpuid_header_into_an_inaccessible_page(c: &mut Checks, kvm: &Kvm) {
     let pages = Mapping::new(2 * PAGE as usize);
     // PROT_NONE rather than munmap: the mapping stays this function's, so
     // nothing else can be mapped there before it is dropped.
-    // SAFETY: the second page of a mapping this function owns; nothing
-    // refers to it.
+    // SAFETY: the second page of this function's own mapping, unreferenced.
     let r = unsafe { libc::mprotect((pages.hva() + PAGE) as *mut libc::c_void, PAGE as usize, libc::PROT_NONE) };
     if r != 0 {
         c.check("mprotect of the second page", false, std::io::Error::last_os_error());
