@@ -93,11 +93,13 @@ impl Vcpu {
         let result = self.run_locked(&mut state, run);
         // Where the guest stands, on every way out (an interrupted run
         // included, as KVM's post_kvm_run_save): the VMM decides on its
-        // next KVM_INTERRUPT from these.
+        // next KVM_INTERRUPT from these (IF, the TPR, the APIC base).
         let g = &state.g;
         // SAFETY: our run page; the VMM only reads these.
         unsafe {
             (*run).if_flag = u8::from(g.regs.rflags & rkvm_core::events::RFLAGS_IF != 0);
+            (*run).cr8 = g.sregs.cr8;
+            (*run).apic_base = g.msrs.apic_base;
             (*run).ready_for_interrupt_injection = g.events.ready_for_interrupt(g.regs.rflags).into();
         }
         result
@@ -109,6 +111,15 @@ impl Vcpu {
         let immediate_exit = unsafe { core::ptr::read_volatile(&(*run).immediate_exit) };
         // SAFETY: as above.
         let request_window = unsafe { core::ptr::read_volatile(&(*run).request_interrupt_window) } != 0;
+        // The TPR belongs to the VMM's local APIC (there is none in the
+        // kernel): as KVM ("re-sync apic's tpr" in kvm_arch_vcpu_ioctl_run),
+        // each run starts from kvm_run->cr8, and reserved bits fail it.
+        // SAFETY: as above.
+        let cr8 = unsafe { core::ptr::read_volatile(&(*run).cr8) };
+        if cr8 >> 4 != 0 {
+            return Err(EINVAL);
+        }
+        state.g.sregs.cr8 = cr8;
         exit::io::complete_pending_in(self, state);
         exit::slow::complete_string_in(self, state)?;
         exit::slow::complete_mmio_load(self, state);

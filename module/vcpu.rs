@@ -78,8 +78,6 @@ pub(crate) struct GuestState {
     /// The registers the entry routine switches.
     pub(crate) gprs: GuestRegs,
     pub(crate) pending_in: Option<PendingIn>,
-    /// The guest's CR8 (TPR), virtualized: MOV CR8 exits.
-    pub(crate) cr8: u64,
     /// The guest's CPUID, from KVM_SET_CPUID2.
     pub(crate) cpuid: KVec<rkvm_core::cpuid::Entry>,
     /// The guest's x87/SSE/AVX registers.
@@ -197,7 +195,6 @@ impl Vcpu {
             dirty: true,
             gprs: GuestRegs::default(),
             pending_in: None,
-            cr8: 0,
             cpuid: KVec::new(),
             fpu: KBox::new(FpuArea::reset(), GFP_KERNEL)?,
             xcr0: rkvm_core::xsave::X87,
@@ -258,7 +255,11 @@ impl Vcpu {
             return Err(EINVAL);
         }
         state.g.msrs.apic_base = sregs.apic_base;
-        state.g.sregs = sregs;
+        // CR8 is not in the VMCS (MOV CR8 exits): `sregs.cr8` is the one
+        // copy. As KVM's kvm_set_cr8, a value with reserved bits (above
+        // bit 3) leaves the TPR as it was, without failing the ioctl.
+        let cr8 = if sregs.cr8 >> 4 == 0 { sregs.cr8 } else { state.g.sregs.cr8 };
+        state.g.sregs = kvm_sregs { cr8, ..sregs };
         state.g.dirty = true;
         Ok(0)
     }

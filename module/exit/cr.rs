@@ -12,6 +12,7 @@ use rkvm_core::cpu_state::{efer, GUEST_CR4_ALLOWED};
 use rkvm_core::exit::CrAccess;
 
 use super::{ExitAction, ExitContext};
+use crate::kvm_abi::KVM_EXIT_SET_TPR;
 use crate::vmx::guest_state::{guest_cr0, guest_cr4, hardware_cr0, hardware_cr4};
 
 const PE: u64 = Cr0::CR0_PROTECTED_MODE.bits() as u64;
@@ -65,6 +66,28 @@ fn set_cr4(ctx: &mut ExitContext<'_, '_>, value: u64) -> Result<ExitAction> {
     Ok(ExitAction::Resume)
 }
 
+/// MOV to CR8 (the TPR; 64-bit mode only, SDM Vol. 3A, 2.5 "Control
+/// Registers"): #GP for any of bits 63:4 set, as the SDM says (KVM first
+/// truncates the value to 8 bits, so it takes 0x100 as 0). There is no
+/// local APIC in the kernel
+/// to act on it, so as KVM without an in-kernel irqchip (handle_cr): a
+/// lowered TPR may unmask an interrupt the VMM holds back, and the VMM
+/// hears of it through KVM_EXIT_SET_TPR, after the instruction.
+fn set_cr8(ctx: &mut ExitContext<'_, '_>, value: u64) -> Result<ExitAction> {
+    if value >> 4 != 0 {
+        return ctx.inject_gp();
+    }
+    let lowered = value < ctx.g.sregs.cr8;
+    ctx.g.sregs.cr8 = value;
+    ctx.skip_instruction()?;
+    if !lowered {
+        return Ok(ExitAction::Resume);
+    }
+    // SAFETY: our own run page; the VMM reads the reason after KVM_RUN.
+    unsafe { (*ctx.run()).exit_reason = KVM_EXIT_SET_TPR };
+    Ok(ExitAction::ToUser)
+}
+
 /// Handles a control-register access exit.
 pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
     match CrAccess::decode(ctx.vmcs.read(ro::EXIT_QUALIFICATION)) {
@@ -74,22 +97,15 @@ pub(crate) fn handle(ctx: &mut ExitContext<'_, '_>) -> Result<ExitAction> {
             match cr {
                 0 => set_cr0(ctx, value),
                 4 => set_cr4(ctx, value),
-                8 => {
-                    if value >> 4 != 0 {
-                        return ctx.inject_gp();
-                    }
-                    ctx.g.cr8 = value;
-                    ctx.skip_instruction()?;
-                    Ok(ExitAction::Resume)
-                }
+                8 => set_cr8(ctx, value),
                 _ => ctx.inject_ud(),
             }
         }
         CrAccess::MovFrom { cr: 8, gpr } => {
             if gpr == 4 {
-                ctx.vmcs.write(guest::RSP, ctx.g.cr8)?;
+                ctx.vmcs.write(guest::RSP, ctx.g.sregs.cr8)?;
             } else {
-                ctx.g.gprs.0[usize::from(gpr)] = ctx.g.cr8;
+                ctx.g.gprs.0[usize::from(gpr)] = ctx.g.sregs.cr8;
             }
             ctx.skip_instruction()?;
             Ok(ExitAction::Resume)

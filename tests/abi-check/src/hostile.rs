@@ -75,7 +75,7 @@ const PS: u64 = 0x80;
 /// Long mode with the first 2 MiB and the 2 MiB at [`MMIO`] identity
 /// mapped, and one more page, `top`, mapped at the last page of the
 /// address space (0xffff_ffff_ffff_f000).
-fn enter_long_mode(g: &Guest, top: u64) -> Result<(), kvm_ioctls::Error> {
+pub(crate) fn enter_long_mode(g: &Guest, top: u64) -> Result<(), kvm_ioctls::Error> {
     const PML4: u64 = 0x10000;
     g.write(PML4, &(0x11000 | P | RW).to_le_bytes()); // PML4[0] -> PDPT0
     g.write(PML4 + 511 * 8, &(0x13000 | P | RW).to_le_bytes()); // PML4[511] -> PDPT1

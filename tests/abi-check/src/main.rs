@@ -42,6 +42,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use guest::{reported, Guest, HLT};
 
 mod cpu;
+mod cr8;
 mod events;
 mod guest;
 mod host_fpu;
@@ -453,6 +454,9 @@ fn main() -> ExitCode {
     cpu::msr_state_checks(&mut c, &kvm);
     cpu::msr_guest_checks(&mut c, &kvm);
     cpu::xsave_checks(&mut c, &kvm, unrestricted_guest);
+    if unrestricted_guest {
+        cr8::cr8_checks(&mut c, &kvm);
+    }
     interrupt_checks(&mut c, &kvm);
     events::vcpu_event_checks(&mut c, &kvm);
     events::nmi_checks(&mut c, &kvm);
