@@ -60,6 +60,9 @@ pub struct Options {
     pub verbose: bool,
     /// Keep every guest's RFLAGS.IF set (see `interrupts_on`).
     pub interrupts_on: bool,
+    /// Replay guest run N alone (with the runs of its VM before it) and
+    /// print each of its KVM_RUNs.
+    pub trace_guest: Option<u64>,
 }
 
 /// What the command line asks for.
@@ -84,7 +87,7 @@ pub enum Command {
 /// The usage text.
 pub const USAGE: &str =
     "usage: rkvm-fuzz --dev PATH [--seed N] [--ioctls N] [--guests N] [--threads N] \
-[--guest-ms MS] [--phases storm,race,guests,teardown] [--interrupts-on] [--verbose]";
+[--guest-ms MS] [--phases storm,race,guests,teardown] [--interrupts-on] [--trace-guest N] [--verbose]";
 
 fn number<T: std::str::FromStr>(opt: &str, value: Option<&String>) -> Result<T, String> {
     let v = value.ok_or_else(|| format!("{opt} needs a value"))?;
@@ -116,6 +119,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         phases: Phase::ALL.to_vec(),
         verbose: false,
         interrupts_on: false,
+        trace_guest: None,
     };
     let mut kill_target = None;
     let mut i = 0;
@@ -132,6 +136,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
             "--guest-ms" => o.guest_time = Duration::from_millis(number(opt, value)?),
             "--phases" => o.phases = phases(value.ok_or("--phases needs a list")?)?,
             "--kill-target" => kill_target = Some(number(opt, value)?),
+            "--trace-guest" => o.trace_guest = Some(number(opt, value)?),
             "--verbose" | "-v" => {
                 o.verbose = true;
                 i -= 1;
@@ -146,7 +151,11 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
     }
     let dev = dev.ok_or("--dev PATH is required")?;
     if let Some(vcpus) = kill_target {
-        return Ok(Command::KillTarget { dev, vcpus, interrupts_on: o.interrupts_on });
+        return Ok(Command::KillTarget {
+            dev,
+            vcpus,
+            interrupts_on: o.interrupts_on,
+        });
     }
     if o.threads == 0 || o.threads > 64 {
         return Err("--threads must be 1 to 64".into());
@@ -162,11 +171,13 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
 /// `--interrupts-on`, for a device that cannot take its vCPU back from such
 /// a guest (KVM under Bochs: external interrupts there do not exit while the
 /// guest's IF is 0, and KVM has no other way back). Then every KVM_SET_REGS
-/// and synced register state the fuzzer gives sets IF, guest code has no
-/// CLI, POPF or IRET (replaced by NOP), and guest memory is filled with HLT
-/// around the code, so that exception handlers a guest never set up halt.
-pub const IF_CLEARING_OPCODES: [u8; 3] = [0xfa, 0x9d, 0xcf];
-
+/// and synced register state the fuzzer gives sets IF; guest code and data
+/// have none of the instructions that clear IF or lead to code that runs
+/// with it clear (`codegen::keep_interrupts_on`); guest memory is filled
+/// with HLT around the code and every interrupt handler is a `hlt; jmp $-1`
+/// stub; and a run ends at the first exit after the guest wrote over its
+/// interrupt tables or stubs (`modes::guarded`), which would send the next
+/// interrupt somewhere random with IF clear.
 /// HLT, which guest memory is filled with under `--interrupts-on`
 /// (`memory::Arena::reserve`).
 pub const HLT: u8 = 0xf4;
@@ -209,11 +220,12 @@ mod tests {
         assert_eq!(o.phases, Phase::ALL.to_vec());
         assert!(!o.verbose);
         assert!(!o.interrupts_on);
+        assert_eq!(o.trace_guest, None);
     }
 
     #[test]
     fn every_option_is_read() {
-        let a = args("--seed 0x10 --ioctls 5 --guests 6 --threads 2 --guest-ms 7 --verbose --phases guests,storm --interrupts-on --dev d");
+        let a = args("--seed 0x10 --ioctls 5 --guests 6 --threads 2 --guest-ms 7 --verbose --phases guests,storm --interrupts-on --trace-guest 1404 --dev d");
         let Ok(Command::Fuzz(o)) = parse(&a) else {
             panic!("parses")
         };
@@ -222,6 +234,7 @@ mod tests {
         assert_eq!(o.phases, vec![Phase::Storm, Phase::Guests]);
         assert!(o.verbose);
         assert!(o.interrupts_on);
+        assert_eq!(o.trace_guest, Some(1404));
     }
 
     #[test]
@@ -243,7 +256,8 @@ mod tests {
 
     #[test]
     fn the_kill_target_is_internal_but_parsed() {
-        let Ok(Command::KillTarget { dev, vcpus, .. }) = parse(&args("--kill-target 2 --dev /dev/kvm"))
+        let Ok(Command::KillTarget { dev, vcpus, .. }) =
+            parse(&args("--kill-target 2 --dev /dev/kvm"))
         else {
             panic!("parses")
         };

@@ -301,9 +301,106 @@ pub fn generate(rng: &mut Rng, mode: Mode, len: usize) -> Vec<u8> {
     a.out
 }
 
+/// One-byte opcodes that clear IF: CLI, POPF, IRET.
+const IF_CLEARING_OPCODES: [u8; 3] = [0xfa, 0x9d, 0xcf];
+
+/// Second bytes after 0x0F of the instructions that continue with IF
+/// cleared by a value the guest controls: SYSCALL (RFLAGS &= ~SFMASK),
+/// SYSRET (RFLAGS = R11), SYSENTER (IF cleared).
+const IF_CLEARING_0F: [u8; 3] = [0x05, 0x07, 0x34];
+
+/// `--interrupts-on` (cli.rs): makes `bytes`, code or data a guest may
+/// run, free of what would leave it running with IF clear, by turning the
+/// opcode byte into a NOP wherever it occurs (at any alignment, since a
+/// guest may jump into the middle of an instruction): CLI, POPF and IRET;
+/// SYSCALL, SYSRET and SYSENTER; and LGDT and LIDT (0F 01 /2, /3 with a
+/// memory operand), which would send interrupts through tables the
+/// fuzzer does not control. Task switches and code the guest writes
+/// itself remain; the report counts runs that still ended with IF clear.
+pub fn keep_interrupts_on(bytes: &mut [u8]) {
+    const NOP: u8 = 0x90;
+    // From the end: the bytes after `i` are final when `i` is decided, so
+    // a NOP put in (0x90 is also a ModRM byte: /2) is judged too.
+    for i in (0..bytes.len()).rev() {
+        let next = bytes.get(i + 1).copied();
+        let after = bytes.get(i + 2).copied();
+        let two_byte = bytes[i] == 0x0f
+            && match next {
+                Some(op) if IF_CLEARING_0F.contains(&op) => true,
+                Some(0x01) => after.is_some_and(|m| m >> 6 != 3 && matches!((m >> 3) & 7, 2 | 3)),
+                _ => false,
+            };
+        if two_byte || IF_CLEARING_OPCODES.contains(&bytes[i]) {
+            bytes[i] = NOP;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interrupts_on_code_has_no_way_to_clear_if() {
+        // cli; popf; iret; syscall; sysret; sysenter; lidt [bx]; lgdt [eax]
+        let mut code = vec![
+            0xfa, 0x9d, 0xcf, 0x0f, 0x05, 0x0f, 0x07, 0x0f, 0x34, 0x0f, 0x01, 0x1f, 0x0f, 0x01,
+            0x10,
+        ];
+        keep_interrupts_on(&mut code);
+        assert_eq!(
+            code,
+            [
+                0x90, 0x90, 0x90, 0x90, 0x05, 0x90, 0x07, 0x90, 0x34, 0x90, 0x01, 0x1f, 0x90, 0x01,
+                0x10
+            ]
+        );
+        // XGETBV (0F 01 D0: register form of /2), SGDT, CPUID stay.
+        let mut kept = vec![0x0f, 0x01, 0xd0, 0x0f, 0x01, 0x00, 0x0f, 0xa2, 0x0f];
+        // IRET as the ModRM byte of 0F 01 becomes a NOP, which is LGDT's.
+        let mut nested = vec![0x0f, 0x01, 0xcf];
+        keep_interrupts_on(&mut nested);
+        assert_eq!(nested, [0x90, 0x01, 0x90]);
+        let before = kept.clone();
+        keep_interrupts_on(&mut kept);
+        assert_eq!(kept, before);
+    }
+
+    #[test]
+    fn interrupts_on_holds_for_any_generated_code() {
+        for seed in 0..200 {
+            let mut rng = Rng::new(seed);
+            let mut junk = vec![0u8; 4096];
+            rng.fill(&mut junk);
+            keep_interrupts_on(&mut junk);
+            let mode = Mode::ALL[(seed % 3) as usize];
+            let mut code = generate(&mut rng, mode, 4096);
+            keep_interrupts_on(&mut code);
+            for bytes in [&code, &junk] {
+                for (i, w) in bytes.windows(3).enumerate() {
+                    assert!(!IF_CLEARING_OPCODES.contains(&w[0]), "seed {seed} at {i}");
+                    assert!(
+                        !(w[0] == 0x0f && IF_CLEARING_0F.contains(&w[1])),
+                        "seed {seed} at {i}"
+                    );
+                    let lxdt = w[0] == 0x0f
+                        && w[1] == 0x01
+                        && w[2] >> 6 != 3
+                        && matches!((w[2] >> 3) & 7, 2 | 3);
+                    assert!(!lxdt, "seed {seed} at {i}");
+                }
+                let tail = &bytes[bytes.len() - 2..];
+                assert!(
+                    !tail.iter().any(|b| IF_CLEARING_OPCODES.contains(b)),
+                    "seed {seed}: {tail:x?}"
+                );
+                assert!(
+                    !(tail[0] == 0x0f && IF_CLEARING_0F.contains(&tail[1])),
+                    "seed {seed}: {tail:x?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn code_has_about_the_asked_length_in_every_mode() {

@@ -113,14 +113,18 @@ impl Fixture {
     }
 
     /// Clears RAM and writes the tables of `mode` and `code`. With
-    /// `--interrupts-on`, RAM past the tables is HLT and every handler
+    /// `--interrupts-on`, RAM around the tables is HLT and every handler
     /// halts (see cli.rs).
     pub fn load(&mut self, ctx: &mut Ctx<'_>, mode: Mode, code: &[u8]) -> Option<()> {
         let halting = ctx.shared.opts.interrupts_on;
         let mem = self.ram.bytes_mut()?;
-        let (below_code, rest) = mem.split_at_mut(layout::CODE as usize);
-        memory::fill(below_code, 0);
-        memory::fill(rest, if halting { crate::cli::HLT } else { 0 });
+        // With `--interrupts-on` all of RAM but the tables and the code is
+        // HLT, below the code too: a vector read from the wrong table (the
+        // IDT taken as an IVT after a switch to real mode) lands on HLT.
+        // HLT bytes are also safe as table entries: 0xf4 has bit 0, the
+        // present bit of a page-table entry, clear.
+        let fill = if halting { crate::cli::HLT } else { 0 };
+        memory::fill(mem, fill);
         modes::write_tables(mem, mode, code.len() as u64, &mut ctx.rng, halting);
         let at = layout::CODE as usize;
         let n = code.len().min(layout::CODE_MAX as usize);

@@ -42,13 +42,14 @@ use kvm_bindings::*;
 use crate::cli::Phase;
 use crate::codegen;
 use crate::ctx::{Arg, Call, Ctx, Shared};
+use crate::exit::ExitView;
 use crate::fixture::{self, Fixture};
 use crate::ioctl_table::{nr, FdKind};
 use crate::memory::Chunk;
 use crate::modes::{self, layout, Mode};
 use crate::rng::Rng;
 use crate::runner::{self, Checks};
-use crate::scratch::bytes_of;
+use crate::scratch::{bytes_of, from_bytes};
 use crate::tally::Tally;
 use crate::{ops, progress, sregs};
 
@@ -78,7 +79,13 @@ pub fn run(shared: &Shared, count: u64) -> Tally {
     let start = Instant::now();
     let mut machine: Option<Machine> = None;
     let mut reported = 0;
-    for run in 0..count {
+    // `--trace-guest N` replays run N: from the first run of its VM, which
+    // the runs before it in that VM may have left changed.
+    let runs = match shared.opts.trace_guest {
+        Some(n) => n - n % RUNS_PER_VM..n + 1,
+        None => 0..count,
+    };
+    for run in runs {
         ctx.step = run;
         if run % RUNS_PER_VM == 0 || machine.as_ref().is_some_and(|m| m.dead) {
             // The old VM first (its slots point at memory dropped with it).
@@ -114,12 +121,16 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
     let len = ctx.rng.range(64, 8192) as usize;
     let mut code = codegen::generate(&mut ctx.rng, mode, len);
     if ctx.shared.opts.interrupts_on {
-        for b in code
-            .iter_mut()
-            .filter(|b| crate::cli::IF_CLEARING_OPCODES.contains(b))
-        {
-            *b = 0x90;
-        }
+        codegen::keep_interrupts_on(&mut code);
+    }
+    let trace = ctx.shared.opts.trace_guest == Some(ctx.step);
+    if trace {
+        let hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        eprintln!(
+            "rkvm-fuzz: guest run {} starts in {} mode; its code: {hex}",
+            ctx.step,
+            mode.name()
+        );
     }
     if m.fixture.load(ctx, mode, &code).is_none() {
         m.dead = true;
@@ -130,13 +141,8 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
             let data = (layout::CODE + layout::CODE_MAX) as usize;
             ctx.rng.fill(&mut mem[data..data + 0x1_0000]);
             if ctx.shared.opts.interrupts_on {
-                // Data a guest may also jump into: no IF-clearing opcode.
-                for b in mem[data..data + 0x1_0000]
-                    .iter_mut()
-                    .filter(|b| crate::cli::IF_CLEARING_OPCODES.contains(b))
-                {
-                    *b = 0x90;
-                }
+                // Data a guest may also jump into.
+                codegen::keep_interrupts_on(&mut mem[data..data + 0x1_0000]);
             }
         }
     }
@@ -150,14 +156,31 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
     let Some(run) = vcpu.run.as_ref() else { return };
     let fd = vcpu.raw();
     let bound = ctx.shared.opts.guest_time;
+    // `--interrupts-on`: the interrupt tables and stubs as loaded.
+    let guarded: Vec<Vec<u8>> = match m.fixture.ram.bytes_mut() {
+        Some(mem) if ctx.shared.opts.interrupts_on => modes::guarded(mode)
+            .iter()
+            .map(|r| mem[r.start as usize..r.end as usize].to_vec())
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut hlt_chain = 0;
     for _ in 0..MAX_RUNS {
         let result = runner::run(ctx, fd, Some(run), bound, false, Checks::Full);
+        if trace {
+            trace_run(ctx, fd, &result);
+        }
         let exit = match result {
             Ok(Some(exit)) => exit,
             Err(libc::EINTR) => {
                 ctx.tally
                     .note("guest runs ended by the time bound (the guest ran on without an exit)");
+                if ctx.shared.opts.interrupts_on && run.snapshot().is_ok_and(|r| r.if_flag == 0) {
+                    // What `--interrupts-on` exists to prevent: a device
+                    // that needs IF to take its CPU back (KVM under Bochs)
+                    // would have hung here. Counted, to keep the mode honest.
+                    ctx.tally.note(IF_CLEAR_AT_BOUND);
+                }
                 break;
             }
             Err(libc::EIO) => {
@@ -166,6 +189,12 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
             }
             _ => break,
         };
+        if !guarded.is_empty() && !tables_intact(&m.fixture.ram, mode, &guarded) {
+            ctx.tally.note(
+                "guest runs ended when the guest wrote over its interrupt tables (--interrupts-on)",
+            );
+            break;
+        }
         hlt_chain = if exit.reason == KVM_EXIT_HLT {
             hlt_chain + 1
         } else {
@@ -213,6 +242,43 @@ fn one_run(ctx: &mut Ctx<'_>, m: &mut Machine) {
         if !go_on {
             break;
         }
+    }
+}
+
+/// Whether the interrupt tables and stubs of `mode` still hold what
+/// `loaded` says they held at the start of the run.
+fn tables_intact(ram: &Chunk, mode: Mode, loaded: &[Vec<u8>]) -> bool {
+    let Some(mem) = ram.bytes() else { return true };
+    modes::guarded(mode)
+        .iter()
+        .zip(loaded)
+        .all(|(r, was)| mem[r.start as usize..r.end as usize] == was[..])
+}
+
+/// The note of a guest run that the time bound ended with IF clear.
+pub const IF_CLEAR_AT_BOUND: &str =
+    "guest runs ended by the time bound with IF clear (--interrupts-on did not hold)";
+
+/// `--trace-guest`: one KVM_RUN of the traced run and where the guest is.
+fn trace_run(ctx: &mut Ctx<'_>, fd: std::os::fd::RawFd, result: &Result<Option<ExitView>, i32>) {
+    let outcome = match result {
+        Ok(Some(exit)) => crate::exit::name(exit.reason),
+        Ok(None) => "no kvm_run".to_string(),
+        Err(e) => format!("errno {e}"),
+    };
+    let get = |ctx: &mut Ctx<'_>, nr| {
+        ctx.ioctl(Call::new(fd, FdKind::Vcpu, nr, Arg::Data(&[])))
+            .ok()
+            .map(|_| ctx.scratch.bytes().to_vec())
+    };
+    let regs: Option<kvm_regs> = get(ctx, nr::KVM_GET_REGS).map(|b| from_bytes(&b));
+    let sregs: Option<kvm_sregs> = get(ctx, nr::KVM_GET_SREGS).map(|b| from_bytes(&b));
+    match (regs, sregs) {
+        (Some(r), Some(s)) => eprintln!(
+            "rkvm-fuzz:   KVM_RUN: {outcome}; cs {:#x} (base {:#x}) rip {:#x} rflags {:#x} cr0 {:#x} efer {:#x}",
+            s.cs.selector, s.cs.base, r.rip, r.rflags, s.cr0, s.efer
+        ),
+        _ => eprintln!("rkvm-fuzz:   KVM_RUN: {outcome}; registers unreadable"),
     }
 }
 

@@ -102,7 +102,12 @@ pub fn serve(dev: &str, vcpus: u32, interrupts_on: bool) -> ! {
         let regs = kvm_regs {
             rip: CODE,
             // `--interrupts-on`: spin with IF set (see cli.rs).
-            rflags: crate::arch::RFLAGS_FIXED | if interrupts_on { crate::arch::RFLAGS_IF } else { 0 },
+            rflags: crate::arch::RFLAGS_FIXED
+                | if interrupts_on {
+                    crate::arch::RFLAGS_IF
+                } else {
+                    0
+                },
             ..Default::default()
         };
         call(

@@ -1,5 +1,5 @@
 //! `rkvm-fuzz --dev PATH [--seed N] [--ioctls N] [--guests N] [--threads N]
-//! [--guest-ms MS] [--phases LIST] [--verbose]`
+//! [--guest-ms MS] [--phases LIST] [--interrupts-on] [--trace-guest N] [--verbose]`
 //!
 //! Drives a KVM-like device (/dev/rkvm or /dev/kvm: the same checks hold
 //! on both) with the input of a hostile VMM and of random guests, from a
@@ -36,6 +36,13 @@
 //!   CLI, POPF or IRET), for a device that cannot take its vCPU back from a
 //!   guest with interrupts off: KVM under Bochs, where external interrupts
 //!   do not exit while IF is 0 (the CPU would be lost to such a guest).
+//!   A guest run that still reaches its time bound with IF clear is
+//!   counted in the report's notes ("... IF clear ...").
+//! - `--trace-guest N`: replay guest run N of the seed (a finding's
+//!   "guests step N"): the guests phase runs only N's VM up to N (the runs
+//!   before it in that VM may have left it changed), prints N's code in
+//!   hex and, for each of its KVM_RUNs, the exit and where the guest
+//!   stands. With `--phases guests` it takes seconds.
 //!
 //! # Phases
 //! - storm (`storm.rs`): a pool of VMs, vCPUs, kvm_run mappings, stats fds
@@ -165,7 +172,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = match cli::parse(&args) {
         Ok(Command::Fuzz(o)) => o,
-        Ok(Command::KillTarget { dev, vcpus, interrupts_on }) => kill_target::serve(&dev, vcpus, interrupts_on),
+        Ok(Command::KillTarget {
+            dev,
+            vcpus,
+            interrupts_on,
+        }) => kill_target::serve(&dev, vcpus, interrupts_on),
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
@@ -184,7 +195,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let arena = match memory::Arena::reserve(if opts.interrupts_on { crate::cli::HLT } else { 0 }) {
+    let arena = match memory::Arena::reserve(if opts.interrupts_on {
+        crate::cli::HLT
+    } else {
+        0
+    }) {
         Ok(a) => a,
         Err(e) => {
             eprintln!(

@@ -160,6 +160,16 @@ impl Chunk {
         self.access
     }
 
+    /// The chunk's bytes, if it is readable and writable (see
+    /// [`Chunk::bytes_mut`]), to read.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        if self.access != Access::ReadWrite {
+            return None;
+        }
+        // SAFETY: as in `bytes_mut`; read only.
+        Some(unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) })
+    }
+
     /// The chunk's bytes, if it is readable and writable.
     pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         if self.access != Access::ReadWrite {

@@ -30,7 +30,8 @@ pub mod layout {
     pub const PDPT: u64 = 0x5000;
     /// The PD: 512 entries of 2 MiB.
     pub const PD: u64 = 0x6000;
-    /// Interrupt handler stubs: `hlt; iret`.
+    /// Interrupt handler stubs: `hlt; iret` (`hlt; jmp $-1` for
+    /// `--interrupts-on`).
     pub const STUBS: u64 = 0x7000;
     /// The initial stack pointer (the stack grows down from here).
     pub const STACK_TOP: u64 = 0x8000;
@@ -105,19 +106,36 @@ fn put64(mem: &mut [u8], at: u64, v: u64) {
 /// IVT, GDT, IDT, TSS, page tables and handler stubs. Interrupt vectors
 /// lead into the code at random places or to a `hlt; iret` stub.
 ///
-/// With `halting_handlers` every vector goes to the HLT stub (for
-/// `--interrupts-on`: a handler in random code would run with IF clear).
-pub fn write_tables(mem: &mut [u8], mode: Mode, code_len: u64, rng: &mut Rng, halting_handlers: bool) {
+/// With `halting_handlers` every vector goes to a stub that halts for good
+/// (for `--interrupts-on`: a handler in random code, or an IRET, would run
+/// on with IF clear).
+pub fn write_tables(
+    mem: &mut [u8],
+    mode: Mode,
+    code_len: u64,
+    rng: &mut Rng,
+    halting_handlers: bool,
+) {
     let stub = layout::STUBS;
-    mem[stub as usize..stub as usize + 4].copy_from_slice(&[0xf4, 0xcf, 0xf4, 0x48]);
-    mem[stub as usize + 4] = 0xcf; // at stub + 2: hlt; iretq
+    let stubs: [u8; 5] = if halting_handlers {
+        // hlt; jmp $-1: halts for good. No IRET anywhere: a guest that
+        // jumps here without an interrupt frame would pop its IF from
+        // whatever the stack holds.
+        [0xf4, 0xeb, 0xfd, 0xf4, 0xf4]
+    } else {
+        // hlt; iret, and at stub + 2: hlt; iretq.
+        [0xf4, 0xcf, 0xf4, 0x48, 0xcf]
+    };
+    mem[stub as usize..stub as usize + 5].copy_from_slice(&stubs);
     let handler = |rng: &mut Rng| {
         // Both draws happen either way, so that the rest of the run takes
         // the same random numbers with and without `halting_handlers`.
         if rng.chance(1, 2) && !halting_handlers {
             layout::CODE + rng.below(code_len.max(1))
+        } else if mode == Mode::Long && !halting_handlers {
+            stub + 2
         } else {
-            stub + if mode == Mode::Long { 2 } else { 0 }
+            stub
         }
     };
     match mode {
@@ -157,10 +175,12 @@ pub fn write_tables(mem: &mut [u8], mode: Mode, code_len: u64, rng: &mut Rng, ha
                     | (u64::from(code) << 16)
                     | (u64::from(0x80 | seg::INTERRUPT_GATE) << 40)
                     | ((target >> 16 & 0xffff) << 48);
-                let gate = if rng.chance(1, 32) {
-                    rng.next_u64()
-                } else {
-                    gate
+                // Sometimes garbage (drawn either way, as above), but not
+                // for `--interrupts-on`: it may be a gate into random code.
+                let garbage = rng.chance(1, 32).then(|| rng.next_u64());
+                let gate = match garbage {
+                    Some(g) if !halting_handlers => g,
+                    _ => gate,
                 };
                 if long {
                     put64(mem, layout::IDT + 16 * v, gate);
@@ -177,6 +197,28 @@ pub fn write_tables(mem: &mut [u8], mode: Mode, code_len: u64, rng: &mut Rng, ha
                 }
             }
         }
+    }
+}
+
+/// The guest-physical ranges that decide where an interrupt in `mode`
+/// goes: the IVT, or the GDT and IDT; and the handler stubs. Under
+/// `--interrupts-on` a guest run ends at the first exit after the guest
+/// changed any of them (cli.rs). The CPU itself writes none of them: the
+/// descriptors are loaded accessed, and the TSS busy.
+pub fn guarded(mode: Mode) -> [core::ops::Range<u64>; 3] {
+    let stubs = layout::STUBS..layout::STUBS + 5;
+    match mode {
+        Mode::Real => [layout::IVT..layout::IVT + 0x400, stubs, 0..0],
+        Mode::Protected => [
+            layout::GDT..layout::GDT + 0x100,
+            layout::IDT..layout::IDT + 0x800,
+            stubs,
+        ],
+        Mode::Long => [
+            layout::GDT..layout::GDT + 0x100,
+            layout::IDT..layout::IDT + 0x1000,
+            stubs,
+        ],
     }
 }
 
@@ -320,6 +362,40 @@ mod tests {
             at(layout::GDT + u64::from(sel::CODE64)),
             0x00af_9b00_0000_ffff
         );
+    }
+
+    #[test]
+    fn halting_handlers_lead_every_vector_to_a_stub_without_iret() {
+        for mode in Mode::ALL {
+            for seed in 0..20 {
+                let mut mem = vec![crate::cli::HLT; layout::RAM as usize];
+                write_tables(&mut mem, mode, 4096, &mut Rng::new(seed), true);
+                let stubs = &mem[layout::STUBS as usize..layout::STUBS as usize + 5];
+                assert!(!stubs.contains(&0xcf), "{mode:?}: no IRET in {stubs:x?}");
+                let at = |a: u64| {
+                    u64::from_le_bytes(mem[a as usize..a as usize + 8].try_into().expect("8 bytes"))
+                };
+                for v in 0..256u64 {
+                    let target = match mode {
+                        Mode::Real => {
+                            let far = at(layout::IVT + 4 * v) & 0xffff_ffff;
+                            ((far >> 16) << 4) + (far & 0xffff)
+                        }
+                        Mode::Protected => {
+                            let gate = at(layout::IDT + 8 * v);
+                            (gate & 0xffff) | (gate >> 48) << 16
+                        }
+                        Mode::Long => {
+                            let gate = at(layout::IDT + 16 * v);
+                            (gate & 0xffff)
+                                | (gate >> 48) << 16
+                                | at(layout::IDT + 16 * v + 8) << 32
+                        }
+                    };
+                    assert_eq!(target, layout::STUBS, "{mode:?} seed {seed} vector {v}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -197,7 +197,12 @@ fn kill_in_run(ctx: &mut Ctx<'_>, vcpus: u32) {
             .note("kill tests skipped: no path to this program");
         return;
     };
-    let mut args = vec!["--kill-target".to_string(), vcpus.to_string(), "--dev".to_string(), ctx.shared.dev.path.clone()];
+    let mut args = vec![
+        "--kill-target".to_string(),
+        vcpus.to_string(),
+        "--dev".to_string(),
+        ctx.shared.dev.path.clone(),
+    ];
     if ctx.shared.opts.interrupts_on {
         args.push("--interrupts-on".to_string());
     }
