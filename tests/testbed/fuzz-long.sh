@@ -12,8 +12,7 @@
 # not reach. The same seeds on both
 # devices run the same program (--interrupts-on is always given: KVM under
 # Bochs needs it, and rkvm then takes the very same run; each chunk's notes
-# count the guest runs that still reached their time bound with IF clear,
-# which on KVM would have hung a CPU). After each chunk
+# count the guest runs that still reached their time bound with IF clear). After each chunk
 # rkvm holds nothing; afterwards the module unloads cleanly and kmemleak
 # finds nothing; the launcher adds any kernel BUG, WARNING, Oops, lockup,
 # RCU stall or hung task to the verdict. The last lines add the chunks up.
