@@ -16,7 +16,7 @@
 //! the host tests' kvm_pvm handles a guest's CR8 its own way (KVM_SET_SREGS
 //! does not reach it, lowering it does not exit).
 
-use kvm_ioctls::{Kvm, VcpuExit};
+use kvm_ioctls::Kvm;
 
 use crate::guest::{reported, Guest, CODE};
 use crate::hostile::enter_long_mode;
@@ -37,15 +37,6 @@ const CODE_BYTES: [u8; 40] = [
     0x90, 0x90, 0x90, 0x90, 0x90, // padding
 ];
 
-fn run(g: &mut Guest) -> String {
-    match g.vcpu.run() {
-        Ok(VcpuExit::SetTpr) => "SetTpr".to_string(),
-        Ok(VcpuExit::IoOut(port, data)) => format!("out {port:#x} {data:x?}"),
-        Ok(exit) => format!("{exit:x?}"),
-        Err(e) => format!("KVM_RUN failed: {e}"),
-    }
-}
-
 /// `kvm_run->cr8` and KVM_GET_SREGS's `cr8`, as "run R, sregs S".
 fn reported_cr8(g: &mut Guest) -> String {
     let run = g.vcpu.get_kvm_run().cr8;
@@ -60,7 +51,7 @@ pub fn cr8_checks(c: &mut Checks, kvm: &Kvm) {
     }
     let regs = kvm_bindings::kvm_regs { rip: CODE, rsp: 0x800, rflags: 2, ..Default::default() };
     c.success("KVM_SET_REGS", g.vcpu.set_regs(&regs));
-    let first = run(&mut g);
+    let first = g.run();
     c.check("a MOV to CR8 that raises the TPR runs on without an exit", first == reported(0xb), &first);
     let seen = reported_cr8(&mut g);
     c.check("the guest's CR8 is what kvm_run->cr8 and KVM_GET_SREGS report", seen == "run 11, sregs 11", seen);
@@ -82,13 +73,13 @@ pub fn cr8_checks(c: &mut Checks, kvm: &Kvm) {
     // The VMM's APIC owns the TPR: before each run it is taken from
     // kvm_run->cr8, over what KVM_SET_SREGS said.
     g.vcpu.get_kvm_run().cr8 = 7;
-    let second = run(&mut g);
+    let second = g.run();
     c.check("KVM_RUN gives the guest the TPR in kvm_run->cr8", second == reported(7), &second);
 
-    let third = run(&mut g);
+    let third = g.run();
     c.check("a MOV to CR8 that lowers the TPR exits with KVM_EXIT_SET_TPR", third == "SetTpr", &third);
     let seen = reported_cr8(&mut g);
     c.check("... with the new TPR in kvm_run->cr8 and KVM_GET_SREGS", seen == "run 2, sregs 2", seen);
-    let fourth = run(&mut g);
+    let fourth = g.run();
     c.check("... after the instruction: the guest runs on", fourth == reported(2), &fourth);
 }
